@@ -20,8 +20,8 @@ _EXPORTS = {
     "Model": "tilefcn.modelio",
     "open_scan": "tilefcn.read",
     "ScanInfo": "tilefcn.read",
-    "predict": "tilefcn.predict",
-    "run": "tilefcn.run",
+    "predict": "tilefcn.graph",
+    "run": "tilefcn.job",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -31,9 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from tilefcn.geometry import Geometry
     from tilefcn.measure import measure_geometry
     from tilefcn.modelio import Model, load_model, save_bundle
-    from tilefcn.predict import predict
+    from tilefcn.graph import predict
     from tilefcn.read import ScanInfo, open_scan
-    from tilefcn.run import run
+    from tilefcn.job import run
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,110 @@
+"""The command line: help, version, run (exactness through the CLI), info, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from click.testing import CliRunner
+from models_zoo import padded, random_image, whole_image_output
+
+from tilefcn import __version__
+from tilefcn.cli import main
+from tilefcn.modelio import load_model, save_exported
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A model file for the CLI (the stride-4 'same'-padded net)."""
+    path = tmp_path_factory.mktemp("model") / "padded.pt2"
+    return save_exported(path, load_model(padded(3)))
+
+
+@pytest.fixture()
+def scan(tmp_path):
+    image = random_image(np.random.default_rng(3), (230, 301), 3, "uint8")
+    path = tmp_path / "slide.ome.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    return path, image
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0 and "run" in result.output and "info" in result.output
+    assert runner.invoke(main, ["--version"]).output.strip().endswith(__version__)
+    run_help = runner.invoke(main, ["run", "--help"])
+    for option in ("--model", "--out", "--tile", "--level", "--mpp", "--device", "--overwrite"):
+        assert option in run_help.output
+
+
+def test_run_writes_exact_ome_zarr(scan, exported, tmp_path):
+    path, image = scan
+    out = tmp_path / "heat.zarr"
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(exported),
+                                       "--out", str(out), "--tile", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote" in result.output and "MP/s" in result.output
+    assert "tiles" in result.output  # the progress bar (stderr is mixed in by CliRunner)
+    group = zarr.open_group(str(out), mode="r")
+    expected = whole_image_output(padded(3), image)
+    np.testing.assert_allclose(group["0"][:], expected, rtol=0, atol=1e-5)
+    attrs = group.attrs.asdict()
+    assert attrs["tilefcn"]["status"] == "complete"
+    assert attrs["tilefcn"]["geometry"]["stride"] == [4, 4]
+    assert attrs["tilefcn"]["model"]["sha256"]
+
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    node = next(iter(Reader(parse_url(str(out)))()))
+    axes = node.metadata["axes"]
+    assert [a["name"] for a in axes] == ["c", "y", "x"]
+    assert axes[1].get("unit") == "micrometer"
+    transforms = node.metadata["coordinateTransformations"][0]
+    scale = next(t["scale"] for t in transforms if t["type"] == "scale")
+    assert scale == [1, 4 * 0.5, 4 * 0.5]  # stride × pixel size
+
+
+def test_existing_output_is_refused_then_overwritten(scan, exported, tmp_path):
+    path, _ = scan
+    out = tmp_path / "heat.zarr"
+    args = ["run", str(path), "--model", str(exported), "--out", str(out), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = zarr.open_group(str(out), mode="r")["0"][:]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2
+    assert "exists" in refused.output and "Traceback" not in refused.output
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], before)
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("bad", ["missing.tif", "corrupt.tif"])
+def test_bad_input_one_line_exit_2(tmp_path, exported, bad):
+    target = tmp_path / bad
+    if bad == "corrupt.tif":
+        target.write_bytes(b"II*\x00garbage" * 10)
+    result = CliRunner().invoke(main, ["run", str(target), "--model", str(exported)])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "missing.heatmap.zarr").exists()
+
+
+def test_channel_mismatch_is_bad_input(tmp_path, exported):
+    path = tmp_path / "gray.tif"
+    tifffile.imwrite(path, np.zeros((80, 80), np.uint8))
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(exported)])
+    assert result.exit_code == 2 and "channel" in result.output
+
+
+def test_info_scan_and_model(scan, exported):
+    path, _ = scan
+    result = CliRunner().invoke(main, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["kind"] == "scan" and data["shape"] == [230, 301, 3]
+    model = CliRunner().invoke(main, ["info", str(exported)])
+    assert model.exit_code == 0, model.output
+    assert "receptive_field" in model.output and "parameters" in model.output

@@ -1,0 +1,239 @@
+"""The ``tilefcn`` command line: parse, call the library, report.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or bad input. Errors are one line on
+stderr; ``tilefcn --debug …`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tilefcn import __version__
+
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
+             NotADirectoryError, PermissionError)
+
+
+class _Group(click.Group):
+    """Turns library exceptions into one-line errors with the right exit code."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the one place that reports all failures
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            code = 2 if isinstance(exc, BAD_INPUT) else 1
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tilefcn")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Run patch-trained fully convolutional networks over gigapixel scans, exactly.
+
+    The scan is read in chunks, each chunk gets the halo the network's receptive field
+    needs, and the stitched heatmap equals the model's output on the whole image.
+
+    Start with `tilefcn demo`; then `tilefcn run SLIDE.tiff`.
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+class _Bar:
+    """tqdm progress: tiles done/total, input MP/s, ETA."""
+
+    def __init__(self, megapixels: float, enabled: bool) -> None:
+        self.megapixels, self.enabled, self.bar, self.start = megapixels, enabled, None, 0.0
+        self.first = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="tile", file=sys.stderr,
+                            dynamic_ncols=True, desc="tiles")
+            self.start, self.first = time.perf_counter(), done
+            return
+        self.bar.update(done - self.bar.n)
+        elapsed = time.perf_counter() - self.start
+        if elapsed > 0:
+            rate = self.megapixels * (done - self.first) / total / elapsed
+            self.bar.set_postfix_str(f"{rate:.1f} MP/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--model", "model", default="tissue", show_default=True,
+              help="Built-in name, bundle directory, .pt2 ExportedProgram, TorchScript file "
+                   "or package.module:function factory.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output: .zarr (OME-Zarr, default <stem>.heatmap.zarr next to the input) "
+                   "or .tif (tiled GeoTIFF).")
+@click.option("--tile", type=click.IntRange(min=16), help="Chunk edge in input pixels "
+              "(default 2048; rounded up to the model's alignment).")
+@click.option("--sub-tile", type=click.IntRange(min=16), help="Edge of the halo'd sub-tiles "
+              "each task runs the model on (default 256 on CPU, 1024 on CUDA).")
+@click.option("--level", type=click.IntRange(min=0), help="Pyramid level to read (0 = full).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True),
+              help="Read the pyramid level nearest this many µm per pixel.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when available), cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Local worker threads (default: number of cores).")
+@click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. "
+              "tcp://10.0.0.5:8786 (workers need tilefcn installed).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: int | None,
+        level: int | None, mpp: float | None, device: str, workers: int | None,
+        scheduler: str | None, overwrite: bool, resume: bool, quiet: bool) -> None:
+    """Predict IMAGE (TIFF/OME-TIFF/SVS/GeoTIFF/zarr) and write the heatmap chunk by chunk."""
+    from tilefcn.job import run as run_scan
+
+    if level is not None and mpp is not None:
+        raise click.UsageError("give --level or --mpp, not both")
+    if overwrite and resume:
+        raise click.UsageError("give --overwrite or --resume, not both")
+    if not image.exists():
+        raise FileNotFoundError(f"no such file: {image}")
+    bar = _Bar(0.0, not quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar(done, total)
+
+    from tilefcn.read import open_scan
+
+    scan = open_scan(image, level=level, mpp=mpp)
+    bar.megapixels = scan.info.shape[0] * scan.info.shape[1] / 1e6
+    try:
+        summary = run_scan(scan, model, out, tile=tile, device=device,
+                           workers=workers, scheduler=scheduler, overwrite=overwrite,
+                           resume=resume, sub_tile=sub_tile, progress=progress)
+    finally:
+        bar.close()
+    click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "
+               f"{summary.megapixels:.1f} MP in {summary.seconds:.1f} s "
+               f"({summary.mp_per_s:.1f} MP/s, {summary.tiles} tiles"
+               + (f", {summary.tiles_skipped} resumed" if summary.tiles_skipped else "") + ")")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(target: str, as_json: bool) -> None:
+    """Describe a scan (levels, shape, dtype, tile, pixel size, georeference) or a model."""
+    data = _describe(target)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key:>16}: {value}")
+
+
+def _describe(target: str) -> dict:
+    from tilefcn.models import bundled_names
+
+    path = Path(target)
+    is_model = (target in bundled_names() or (path / "model.json").is_file()
+                or path.suffix in (".pt2", ".pt", ".pth", ".ts", ".torchscript")
+                or (":" in target and not path.exists()))
+    if is_model:
+        from tilefcn.modelio import load_model
+
+        return {"kind": "model", **load_model(target).describe()}
+    from tilefcn.read import open_scan
+
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or model: {target}")
+    return {"kind": "scan", **open_scan(path).info.to_dict()}
+
+
+@main.command()
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("tilefcn-demo"), show_default=True,
+              help="Folder for the synthetic slide, its heatmap and the preview.")
+@click.option("--size", type=click.IntRange(min=256), default=4096, show_default=True,
+              help="Edge of the synthetic slide in pixels.")
+@click.option("--seed", type=int, default=2026, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def demo(out_dir: Path, size: int, seed: int, quiet: bool) -> None:
+    """Generate a synthetic slide, run the bundled `tissue` model, write heatmap + preview."""
+    from tilefcn.demo import run_demo
+
+    click.echo(f"Generating a {size}x{size} synthetic slide in {out_dir}/ ...")
+    bar = _Bar(size * size / 1e6, not quiet)
+    try:
+        result = run_demo(out_dir, size=size, seed=seed, progress=bar)
+    finally:
+        bar.close()
+    s = result.summary
+    click.echo(f"Slide:   {result.slide} (mask: {result.mask})")
+    click.echo(f"Heatmap: {result.heatmap} {s.shape} in {s.seconds:.1f} s "
+               f"({s.mp_per_s:.1f} MP/s) - open it in napari or QuPath (OME-Zarr)")
+    click.echo(f"Preview: {result.preview}")
+    click.echo("Classes: " + ", ".join(f"{c} {f:.0%}" for c, f in result.fractions.items()))
+
+
+@main.command()
+@click.argument("pairs", nargs=-1, required=True, metavar="IMAGE MASK [IMAGE MASK ...]",
+                type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to write (model.json + weights.safetensors).")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--patch", type=click.IntRange(min=46), default=64, show_default=True,
+              help="Patch edge in pixels (the network's receptive field).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classes", help="Comma-separated class names for mask values 0, 1, ... "
+              "(default: names stored in the mask, else class0, class1, ...).")
+@click.option("--samples-per-class", type=click.IntRange(min=2), default=2000,
+              show_default=True, help="Patches sampled per class (balanced).")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(pairs: tuple[Path, ...], out: Path, epochs: int, patch: int, seed: int,
+          classes: str | None, samples_per_class: int, overwrite: bool, quiet: bool) -> None:
+    """Train a patch classifier on IMAGE MASK pairs and save it as a bundle for `run`."""
+    from tilefcn.train import EpochReport
+    from tilefcn.train import train as train_model
+
+    if len(pairs) % 2:
+        raise ValueError(f"expected IMAGE MASK pairs, got {len(pairs)} paths")
+    for path in pairs:
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {path}")
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    if names is not None and (not all(names) or len(set(names)) != len(names)):
+        raise ValueError(f"--classes must be distinct non-empty names, got {classes!r}")
+
+    def report(r: EpochReport) -> None:
+        per = ", ".join(f"{c} {a:.3f}" for c, a in r.per_class_accuracy.items())
+        click.echo(f"epoch {r.epoch}/{r.epochs}: loss {r.loss:.4f}, "
+                   f"val accuracy {r.val_accuracy:.3f} ({per})")
+
+    result = train_model(list(zip(pairs[::2], pairs[1::2], strict=True)), out, epochs=epochs,
+                         patch=patch, seed=seed, classes=names,
+                         samples_per_class=samples_per_class, overwrite=overwrite,
+                         progress=report if not quiet else False)
+    click.echo(f"Validation accuracy {result.val_accuracy:.3f} on {result.samples} patches "
+               f"in {result.seconds:.0f} s; bundle written to {result.bundle}")

@@ -1,0 +1,121 @@
+"""Building the dask graph: read → plan → infer, returning a lazy heatmap.
+
+The graph maps over the *output* chunk grid: each task reads its own input window, halo
+included, straight from the scan (no halo exchange between chunks, no rechunk), so tasks are
+independent, which suits resuming and process workers. The scan reader and the model
+reference are one graph key each, shipped to a worker once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph
+
+from tilefcn.infer import ModelRef, make_ref, output_shape, run_tile
+from tilefcn.modelio import Model, load_model
+from tilefcn.plan import Tile, TilePlan, plan_tiles
+from tilefcn.read import Scan, open_scan
+
+DEFAULT_TILE = 2048
+
+
+def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
+    """Read one ``(h, w, C)`` window from a scan reader (runs inside a task)."""
+    return np.asarray(reader[window])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A planned prediction: the scan, the model, the tile plan and the graph pieces."""
+
+    scan: Scan
+    model: Model
+    plan: TilePlan
+    ref: ModelRef
+    name: str
+    sub_tile: int | None
+    dependencies: tuple
+    windows: dict
+
+    def task(self, tile: Tile) -> tuple:
+        """The raw dask task computing ``tile``'s heatmap block ``(C, h, w)``."""
+        return (run_tile, self.ref_key, self.windows[tile.index], tile.y, tile.x,
+                self.plan.image_shape, self.sub_tile)
+
+    @property
+    def ref_key(self) -> str:
+        return self.dependencies[0].key
+
+    @property
+    def classes(self) -> int:
+        return len(self.model.classes)
+
+    @property
+    def heatmap(self) -> da.Array:
+        """Lazy ``(C, H_out, W_out)`` float32 heatmap, chunked like the plan."""
+        layer = {(self.name, 0, *t.index): self.task(t) for t in self.plan.tiles()}
+        graph = HighLevelGraph.from_collections(self.name, layer,
+                                                dependencies=list(self.dependencies))
+        chunks = ((self.classes,), *self.plan.chunks)
+        return da.Array(graph, self.name, chunks, dtype=np.float32,
+                        meta=np.empty((0, 0, 0), np.float32))
+
+
+def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
+                    level: int | None = None, mpp: float | None = None,
+                    sub_tile: int | None = None, torch_threads: int | None = None) -> Prediction:
+    """Open the scan, load the model, check they fit, and plan the tiles (nothing computed)."""
+    scan = image if isinstance(image, Scan) else open_scan(image, level=level, mpp=mpp)
+    model = load_model(model)
+    height, width, channels = scan.info.shape
+    if channels != model.in_channels:
+        raise ValueError(f"{scan.info.source} has {channels} channel(s) but model "
+                         f"{model.name!r} expects {model.in_channels}")
+    out = output_shape(model.module, channels, (height, width))
+    if len(model.classes) != out[0]:
+        raise ValueError(f"model {model.name!r} outputs {out[0]} channels but names "
+                         f"{len(model.classes)} classes")
+    plan = plan_tiles(model.geometry, (height, width), out[1:], tile or DEFAULT_TILE)
+    ref = make_ref(model, device, torch_threads)
+    token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device, sub_tile)
+    ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
+    dependencies: list = [ref_d]
+    windows: dict = {}
+    if scan.reader is not None:
+        reader_d = dask.delayed(scan.reader, name=f"tilefcn-scan-{token}", traverse=False)
+        dependencies.append(reader_d)
+        for t in plan.tiles():
+            windows[t.index] = (read_window, reader_d.key, t.read)
+    else:
+        for t in plan.tiles():
+            window = scan.array[t.read].rechunk(-1)
+            dependencies.append(window)
+            windows[t.index] = (window.name, 0, 0, 0)
+    return Prediction(scan, model, plan, ref, f"tilefcn-predict-{token}", sub_tile,
+                      tuple(dependencies), windows)
+
+
+def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
+            level: int | None = None, mpp: float | None = None, sub_tile: int | None = None,
+            torch_threads: int | None = None) -> da.Array:
+    """Lazy heatmap ``(C, H_out, W_out)`` float32 equal to ``model(whole image)``.
+
+    Parameters
+    ----------
+    image : path, numpy array ``(Y, X)``/``(Y, X, C)``, zarr array or dask array
+        The scan; integer inputs are scaled by their dtype's maximum unless the model says
+        otherwise.
+    model : built-in name, bundle directory, ``.pt2``/TorchScript file, or ``nn.Module``
+    tile : chunk edge in input pixels (rounded up to the model's alignment); default 2048.
+    device : ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    level, mpp : pyramid level, or the level nearest ``mpp`` µm/px.
+    sub_tile : edge of the sub-tiles each task loops over (default 256 on CPU).
+    torch_threads : torch threads per worker process (default: torch's own setting).
+    """
+    return plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
+                           sub_tile=sub_tile, torch_threads=torch_threads).heatmap

@@ -1,0 +1,182 @@
+"""Running a prediction into a heatmap file: OME-Zarr (chunk by chunk, resumable) or GeoTIFF.
+
+Each task computes one heatmap chunk and writes it straight into the store, so no chunk is
+held longer than its own task and nothing is gathered in memory. The store's
+``tilefcn.status`` attribute is ``running`` until every chunk is written and the pyramid is
+built, then ``complete``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from tilefcn import __version__
+from tilefcn.geometry import Geometry
+from tilefcn.graph import Prediction, plan_prediction
+from tilefcn.read import Scan, ScanInfo
+from tilefcn.write import (check_output, create_ome_zarr, finish_ome_zarr, write_geotiff,
+                           written_chunks)
+
+Progress = Callable[[int, int], None]  # (tiles done so far, tiles in total)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What a run did: where the heatmap is, its shape, and how fast it went."""
+
+    out: str
+    shape: tuple[int, int, int]
+    tiles: int
+    tiles_skipped: int
+    seconds: float
+    megapixels: float
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else float("inf")
+
+
+def default_output(source: str) -> Path:
+    """``<stem>.heatmap.zarr`` next to the input (stem without ``.ome``)."""
+    path = Path(source)
+    stem = path.name.split(".")[0] or path.stem
+    return path.with_name(f"{stem}.heatmap.zarr")
+
+
+def heatmap_transform(geometry: Geometry, axis: int) -> tuple[float, float]:
+    """Scale and translation from heatmap pixel index to scan pixel-centre coordinates.
+
+    Output ``i`` sees input rows ``[o + s·i, o + s·i + r)``, centred on ``o + s·i + (r-1)/2``:
+    scale ``s``, translation ``o + (r - 1)/2`` (scan pixels; × µm/px for physical units).
+    """
+    o, s, r = geometry.offset[axis], geometry.stride[axis], geometry.receptive_field[axis]
+    return float(s), o + (r - 1) / 2
+
+
+def heatmap_geotransform(info: ScanInfo, geometry: Geometry) -> tuple[float, ...] | None:
+    """GDAL geotransform of the heatmap (pixel-is-area): its pixel ``i`` spans scan area
+    coordinates ``[o + r/2 - s/2 + s·i, … + s)`` (the receptive field's centre ± s/2)."""
+    if info.geotransform is None:
+        return None
+    x0, px_w, rot_x, y0, rot_y, px_h = info.geotransform
+    (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
+    left, top = tx + 0.5 - sx / 2, ty + 0.5 - sy / 2
+    return (x0 + px_w * left, px_w * sx, rot_x, y0 + px_h * top, rot_y, px_h * sy)
+
+
+def _attrs(prediction: Prediction) -> dict[str, Any]:
+    info, model = prediction.scan.info, prediction.model
+    return {
+        "version": __version__,
+        "model": {"name": model.name, "sha256": model.sha256, "spec": model.spec},
+        "geometry": model.geometry.to_dict(),
+        "source": info.to_dict(),
+        "classes": list(model.classes),
+        "tile": [prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]],
+    }
+
+
+def _write_block(array: Any, block: Any, window: tuple[slice, slice]) -> int:
+    array[(slice(None), *window)] = block
+    return 1
+
+
+def _write_tasks(prediction: Prediction, array: Any, skip: set) -> list[Delayed]:
+    name = "tilefcn-write-" + prediction.name.rsplit("-", 1)[-1]
+    array_d = dask.delayed(array, name=f"{name}-store", traverse=False)
+    layer = {(name, *t.index): (_write_block, array_d.key, prediction.task(t), t.out)
+             for t in prediction.plan.tiles() if t.index not in skip}
+    graph = HighLevelGraph.from_collections(
+        name, layer, dependencies=[*prediction.dependencies, array_d])
+    return [Delayed(key, graph) for key in layer]
+
+
+def _compute(tasks: list[Delayed], *, workers: int | None, scheduler: str | None,
+             progress: Progress | None, total: int, done: int) -> None:
+    """Compute ``tasks`` on local threads or a ``dask.distributed`` scheduler address."""
+    if scheduler:
+        from distributed import Client, as_completed
+
+        with Client(scheduler, timeout="30s") as client:
+            futures = client.compute(tasks)
+            for _ in as_completed(futures):
+                done += 1
+                if progress:
+                    progress(done, total)
+            client.gather(futures)
+        return
+    from dask.callbacks import Callback
+
+    names = {t.key[0] for t in tasks}
+
+    class _Tick(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
+            nonlocal done
+            if isinstance(key, tuple) and key[0] in names:
+                done += 1
+                if progress:
+                    progress(done, total)
+
+    with _Tick():
+        dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count())
+
+
+def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
+        tile: int | None = None, level: int | None = None, mpp: float | None = None,
+        device: str = "auto", workers: int | None = None, scheduler: str | None = None,
+        overwrite: bool = False, resume: bool = False, sub_tile: int | None = None,
+        progress: Progress | None = None) -> RunSummary:
+    """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
+
+    An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
+    chunks already written are kept and only the missing ones computed).
+    """
+    if out is None:
+        source = str(image.info.source if isinstance(image, Scan) else image)
+        if not isinstance(image, (str, os.PathLike, Scan)) or source.startswith("<"):
+            raise ValueError("an output path is needed when the image is not a file")
+        out = default_output(source)
+    out = Path(out)
+    mode = check_output(out, overwrite=overwrite, resume=resume)
+    workers = workers or os.cpu_count() or 1
+    threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
+    prediction = plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
+                                 sub_tile=sub_tile, torch_threads=threads)
+    tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
+    height, width = prediction.plan.image_shape
+    start = time.perf_counter()
+    skipped = 0
+    if out.suffix.lower() in (".tif", ".tiff"):
+        geometry = prediction.model.geometry
+        write_geotiff(out, prediction.heatmap,
+                      geotransform=heatmap_geotransform(prediction.scan.info, geometry),
+                      crs=prediction.scan.info.crs, description=_attrs(prediction))
+    else:
+        info, geometry = prediction.scan.info, prediction.model.geometry
+        (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
+        unit, (my, mx) = ("micrometer", info.mpp) if info.mpp else (None, (1.0, 1.0))
+        array = create_ome_zarr(
+            out, shape=(prediction.classes, *prediction.plan.out_shape),
+            chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
+            scale=(sy * my, sx * mx), translation=(ty * my, tx * mx), unit=unit,
+            attrs=_attrs(prediction), mode=mode)
+        skip = written_chunks(array) if mode == "resume" else set()
+        skipped = len(skip)
+        if progress:
+            progress(skipped, tiles)
+        _compute(_write_tasks(prediction, array, skip), workers=workers, scheduler=scheduler,
+                 progress=progress, total=tiles, done=skipped)
+        finish_ome_zarr(out)
+    seconds = time.perf_counter() - start
+    computed = 1.0 - skipped / tiles
+    return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
+                      skipped, seconds, height * width * computed / 1e6)

@@ -1,0 +1,177 @@
+"""Tiling plans: pure arithmetic over a :class:`~tilefcn.geometry.Geometry` (no I/O, no torch).
+
+Every output tile is three things (CSBDeep's idea): the input window to read (halo included),
+the rows/cols of the model's output on that window to keep, and where they go in the heatmap.
+
+Per axis, for outputs ``[i0, i1)`` of a network with offset ``o``, stride ``s``, receptive
+field ``r`` and alignment ``A`` on an image of ``n`` rows::
+
+    read_start = 0                          if o + s*i0 <= 0  (true border: the net pads itself)
+               = floor_to(o + s*i0, A)      otherwise          (feature grids line up)
+    read_stop  = n                          if o + s*(i1-1) + r >= n  (true border)
+               = o + s*(i1-1) + r           otherwise
+    crop_start = i0 - read_start / s        (index of output i0 in model(window))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tilefcn.geometry import Geometry, ceil_to, floor_to
+
+
+@dataclass(frozen=True, slots=True)
+class AxisWindow:
+    """One axis of a tile: outputs ``[out_start, out_stop)`` from input ``[read_start, read_stop)``.
+
+    ``crop_start`` is the index, in the model's output on the window, of output ``out_start``.
+    """
+
+    out_start: int
+    out_stop: int
+    read_start: int
+    read_stop: int
+    crop_start: int
+
+    @property
+    def out_len(self) -> int:
+        return self.out_stop - self.out_start
+
+    @property
+    def crop(self) -> slice:
+        return slice(self.crop_start, self.crop_start + self.out_len)
+
+    @property
+    def out(self) -> slice:
+        return slice(self.out_start, self.out_stop)
+
+    @property
+    def read(self) -> slice:
+        return slice(self.read_start, self.read_stop)
+
+    def relative_to(self, start: int) -> AxisWindow:
+        """The same window with input coordinates relative to input row ``start``."""
+        return AxisWindow(self.out_start, self.out_stop, self.read_start - start,
+                          self.read_stop - start, self.crop_start)
+
+
+def axis_window(geometry: Geometry, axis: int, out_start: int, out_stop: int,
+                image_len: int) -> AxisWindow:
+    """Input window and crop for outputs ``[out_start, out_stop)`` along ``axis`` (see module doc)."""
+    if not 0 <= out_start < out_stop:
+        raise ValueError(f"bad output range [{out_start}, {out_stop})")
+    s, a = geometry.stride[axis], geometry.alignment[axis]
+    need_start, need_stop = geometry.input_span(out_start, out_stop, axis)
+    if image_len < 1:
+        raise ValueError(f"empty image axis ({image_len} px)")
+    # clamps only matter for outputs that see nothing but the network's padding
+    read_start = 0 if need_start <= 0 else min(floor_to(need_start, a),
+                                               floor_to(image_len - 1, a))
+    read_stop = image_len if need_stop >= image_len else max(need_stop, read_start + 1)
+    return AxisWindow(out_start, out_stop, read_start, read_stop, out_start - read_start // s)
+
+
+def output_chunks(out_len: int, chunk: int) -> tuple[int, ...]:
+    """Split ``out_len`` outputs into chunks of ``chunk`` (the last one shorter)."""
+    if out_len < 1:
+        raise ValueError(f"the model produces no output for this image size (length {out_len})")
+    full, rest = divmod(out_len, chunk)
+    return (chunk,) * full + ((rest,) if rest else ())
+
+
+def axis_windows(geometry: Geometry, axis: int, image_len: int, out_len: int,
+                 tile: int) -> list[AxisWindow]:
+    """Windows for consecutive output chunks covering ``[0, out_len)``.
+
+    ``tile`` (input pixels) is rounded up to the alignment; each chunk has ``tile / stride``
+    outputs, so chunk origins in the input are multiples of the alignment.
+    """
+    out_chunk = output_chunk_len(geometry, axis, tile)
+    windows, start = [], 0
+    for n in output_chunks(out_len, out_chunk):
+        windows.append(axis_window(geometry, axis, start, start + n, image_len))
+        start += n
+    return windows
+
+
+def output_chunk_len(geometry: Geometry, axis: int, tile: int) -> int:
+    """Outputs per chunk for a requested input tile edge: ``ceil_to(tile, A) / stride``."""
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    return ceil_to(tile, geometry.alignment[axis]) // geometry.stride[axis]
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One task of the plan: chunk index ``(iy, ix)`` and its two axis windows."""
+
+    index: tuple[int, int]
+    y: AxisWindow
+    x: AxisWindow
+
+    @property
+    def read(self) -> tuple[slice, slice]:
+        return self.y.read, self.x.read
+
+    @property
+    def crop(self) -> tuple[slice, slice]:
+        return self.y.crop, self.x.crop
+
+    @property
+    def out(self) -> tuple[slice, slice]:
+        return self.y.out, self.x.out
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return self.y.out_len, self.x.out_len
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """The chunk grid of a heatmap: output shape, chunk sizes and one :class:`Tile` per chunk."""
+
+    image_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    rows: tuple[AxisWindow, ...]
+    cols: tuple[AxisWindow, ...]
+
+    def tile(self, iy: int, ix: int) -> Tile:
+        return Tile((iy, ix), self.rows[iy], self.cols[ix])
+
+    def tiles(self) -> list[Tile]:
+        return [self.tile(iy, ix) for iy in range(len(self.rows)) for ix in range(len(self.cols))]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self.rows), len(self.cols)
+
+
+def plan_tiles(geometry: Geometry, image_shape: tuple[int, int], out_shape: tuple[int, int],
+               tile: int | tuple[int, int]) -> TilePlan:
+    """Plan the output chunk grid of a ``image_shape`` scan whose heatmap is ``out_shape``.
+
+    ``out_shape`` is the network's own arithmetic (measured on the model), never a formula.
+    """
+    ty, tx = (tile, tile) if isinstance(tile, int) else tile
+    rows = axis_windows(geometry, 0, image_shape[0], out_shape[0], ty)
+    cols = axis_windows(geometry, 1, image_shape[1], out_shape[1], tx)
+    chunks = (tuple(w.out_len for w in rows), tuple(w.out_len for w in cols))
+    return TilePlan(tuple(image_shape), tuple(out_shape), chunks, tuple(rows), tuple(cols))
+
+
+def sub_windows(geometry: Geometry, axis: int, outer: AxisWindow, image_len: int,
+                sub_tile: int) -> list[AxisWindow]:
+    """Split a task's window into sub-tiles of about ``sub_tile`` input pixels.
+
+    Sub-windows nest inside ``outer`` (same rule, same true borders), and are returned with
+    read coordinates relative to ``outer.read_start`` so they index the task's window array.
+    """
+    step = output_chunk_len(geometry, axis, sub_tile)
+    windows, start = [], outer.out_start
+    while start < outer.out_stop:
+        stop = min(start + step, outer.out_stop)
+        windows.append(axis_window(geometry, axis, start, stop, image_len).relative_to(
+            outer.read_start))
+        start = stop
+    return windows
