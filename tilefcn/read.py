@@ -1,0 +1,480 @@
+"""Open a scan as a lazy ``(Y, X, C)`` dask array plus its metadata (:class:`ScanInfo`).
+
+Sources: TIFF-family files (OME-TIFF, SVS / generic pyramidal TIFF, tiled or striped TIFF,
+GeoTIFF), zarr / OME-Zarr stores, numpy, zarr and dask arrays. Files are read window by window
+through ``tifffile`` → zarr; nothing reads the whole image, not even for metadata. The window
+readers are picklable: they reopen the file by path in each worker process (a tifffile zarr
+store cannot be pickled) and cache the open handle per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import weakref
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import tifffile
+import zarr
+from dask.base import tokenize
+
+__all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "tiff_description"]
+
+CHUNK = 2048
+_UNIT_TO_UM = {"micrometer": 1.0, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nanometer": 1e-3,
+               "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4,
+               "meter": 1e6, "m": 1e6}
+
+
+@dataclass(frozen=True, slots=True)
+class ScanInfo:
+    """Metadata of the chosen level of a scan (all sizes ``(y, x)``)."""
+
+    source: str
+    shape: tuple[int, int, int]
+    dtype: str
+    level: int
+    levels: tuple[tuple[int, int], ...]
+    downsamples: tuple[float, ...]
+    mpp: tuple[float, float] | None
+    tile: tuple[int, int] | None
+    crs: str | None
+    geotransform: tuple[float, ...] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A lazy scan: ``array`` (Y, X, C), its ``info`` and a picklable window ``reader``."""
+
+    array: da.Array
+    info: ScanInfo
+    reader: Any | None
+
+
+# --------------------------------------------------------------------------- window readers
+
+
+def _take(arr: Any, axes: str, ky: slice, kx: slice) -> np.ndarray:
+    """Read window ``(ky, kx)`` of ``arr`` (axes y, x, c; others have size 1) as (h, w, C)."""
+    idx = tuple(ky if a == "y" else kx if a == "x" else slice(None) if a == "c" else 0
+                for a in axes)
+    out = np.asarray(arr[idx])
+    kept = [a for a in axes if a in "yxc"]
+    if "c" not in kept:
+        out, kept = out[..., None], [*kept, "c"]
+    return np.ascontiguousarray(out.transpose([kept.index(a) for a in "yxc"]))
+
+
+class _Open:
+    """An opened level: array and axes; ``closer`` runs when the last reference goes."""
+
+    __slots__ = ("array", "axes", "__weakref__")
+
+    def __init__(self, array: Any, axes: str, closer: Any = None) -> None:
+        self.array, self.axes = array, axes
+        if closer is not None:
+            weakref.finalize(self, closer)
+
+
+_CACHE: dict[tuple, _Open] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key: tuple, opener: Any) -> _Open:
+    """Per-process cache of opened TIFF levels (the 8 most recent keys)."""
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    value = opener()
+    with _CACHE_LOCK:
+        value = _CACHE.setdefault(key, value)
+        while len(_CACHE) > 8:
+            _CACHE.pop(next(iter(_CACHE)))
+    return value
+
+
+class ArrayReader:
+    """Picklable (Y, X, C) window reader over a numpy or zarr array with axes ``axes``.
+
+    ``reader[slice_y, slice_x]`` (optionally ``, slice_c``) returns an (h, w, C) ndarray.
+    """
+
+    ndim = 3
+
+    def __init__(self, array: Any, axes: str) -> None:
+        self.array, self.axes = array, axes
+        self._setup(array)
+
+    def _setup(self, array: Any) -> None:
+        shape = dict(zip(self.axes, array.shape, strict=True))
+        self.shape = (int(shape["y"]), int(shape["x"]), int(shape.get("c", 1)))
+        self.dtype = np.dtype(array.dtype)
+
+    def _array(self) -> Any:
+        return self.array
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = (key if isinstance(key, tuple) else (key,)) + (slice(None),) * 2
+        if not all(isinstance(k, slice) for k in key[:3]) or len(key) > 5:
+            raise IndexError(f"{type(self).__name__} takes (slice_y, slice_x[, slice_c])")
+        return _take(self._array(), self.axes, key[0], key[1])[:, :, key[2]]
+
+    def __dask_tokenize__(self) -> Any:
+        return ("ArrayReader", self.axes, tokenize(self.array))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
+class TiffLevelReader(ArrayReader):
+    """Window reader for one level of one series of a TIFF file, reopened by path.
+
+    Pickles without its open file; each process opens the file once (cached by path, mtime,
+    series and level) and reads only the tiles a window touches, through tifffile's zarr store.
+    """
+
+    def __init__(self, path: str | os.PathLike, series: int = 0, level: int = 0) -> None:
+        self.path, self.series, self.level = os.fspath(path), int(series), int(level)
+        self.mtime = os.stat(self.path).st_mtime_ns
+        self.axes = self._handle().axes
+        self._setup(self._array())
+
+    def _handle(self) -> _Open:
+        handle = self.__dict__.get("_h")
+        if handle is None:
+            handle = self._h = _cached(self.__dask_tokenize__(), self._open)
+        return handle
+
+    def _array(self) -> Any:
+        return self._handle().array
+
+    def _open(self) -> _Open:
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"no such file: {self.path}")
+        if os.stat(self.path).st_mtime_ns != self.mtime:  # new offsets: refuse to misread
+            raise ValueError(f"cannot read {self.path}: file changed since it was opened")
+        try:
+            with _quiet_tifffile():
+                tif = tifffile.TiffFile(self.path)
+            try:
+                axes = _tiff_axes(tif.series[self.series].levels[self.level], self.path)
+                store = tif.aszarr(series=self.series, level=self.level)
+                return _Open(zarr.open_array(store, mode="r", zarr_format=2), axes, tif.close)
+            except BaseException:
+                tif.close()
+                raise
+        except Exception as exc:
+            raise _cannot(self.path, exc) from exc
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return super().__getitem__(key)
+        except (IndexError, OSError, ValueError):
+            raise
+        except Exception as exc:  # decoder errors of a corrupt tile
+            raise _cannot(self.path, exc) from exc
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_h"}
+
+    def __dask_tokenize__(self) -> Any:
+        return ("tiff", self.path, self.mtime, self.series, self.level)
+
+
+def _cannot(path: str, exc: BaseException) -> ValueError:
+    """``ValueError("cannot read <path>: <first line of the reason>")``."""
+    if str(exc).startswith("cannot read"):
+        return exc if isinstance(exc, ValueError) else ValueError(str(exc))
+    lines = str(exc).strip().splitlines()
+    return ValueError(f"cannot read {path}: {lines[0] if lines else type(exc).__name__}")
+
+
+# --------------------------------------------------------------------------- TIFF metadata
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's logged warnings about corrupt tags while opening a file."""
+    log = logging.getLogger("tifffile")
+    drop = logging.Filter("\0")  # matches no logger name: drops every record
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _tiff_axes(series: Any, path: str) -> str:
+    """Letters y, x, c, o for the axes of a (squeezed) tifffile series: YX, YXC or CYX."""
+    names = [a.lower() if a in "YX" else "c" if n > 1 else "o"
+             for a, n in zip(series.axes, series.shape, strict=True)]
+    if names.count("c") > 1:
+        raise ValueError(f"cannot read {path}: unsupported axes {series.axes!r} {series.shape}")
+    return _axes_letters(names, series.shape, path)
+
+
+def _tiff_mpp(tif: Any, page: Any) -> tuple[float, float] | None:
+    """µm/px (y, x) at level 0: OME-XML, Aperio ``MPP = x``, or CENTIMETER resolution tags."""
+    if tif.is_ome:
+        with contextlib.suppress(ET.ParseError, TypeError, ValueError, KeyError, StopIteration):
+            px = next(e for e in ET.fromstring(tif.ome_metadata).iter()
+                      if e.tag.split("}")[-1] == "Pixels")
+            mpp = [float(px.get(f"PhysicalSize{a}")) * _UNIT_TO_UM[px.get(
+                f"PhysicalSize{a}Unit", "µm")] for a in "YX"]
+            if min(mpp) > 0:
+                return mpp[0], mpp[1]
+    match = re.search(r"\bMPP\s*=\s*([0-9.]+(?:[eE][-+]?\d+)?)", page.description or "")
+    if match and float(match.group(1)) > 0:
+        return float(match.group(1)), float(match.group(1))
+    tags = page.tags  # only CENTIMETER units: INCH/NONE hold 72-dpi-style defaults
+    if tags.valueof(296) != 3 or 282 not in tags or 283 not in tags:
+        return None
+    res = [n / d if d else 0.0 for n, d in (tags.valueof(283), tags.valueof(282))]
+    return (1e4 / res[0], 1e4 / res[1]) if min(res) > 0 else None
+
+
+def _geo(page: Any) -> tuple[str | None, tuple[float, ...] | None]:
+    """CRS ("EPSG:n") and GDAL geotransform of level 0 from GeoTIFF tags."""
+    if not page.is_geotiff:
+        return None, None
+    tags = page.geotiff_tags or {}
+    crs = None
+    for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
+        with contextlib.suppress(TypeError, ValueError):
+            code = int(tags.get(key))
+            if 0 < code < 32767:
+                crs = f"EPSG:{code}"
+                break
+    gt = None
+    if "ModelTransformation" in tags:
+        m = np.asarray(tags["ModelTransformation"], dtype=float).reshape(4, 4)
+        gt = (m[0, 3], m[0, 0], m[0, 1], m[1, 3], m[1, 0], m[1, 1])
+    elif "ModelPixelScale" in tags and "ModelTiepoint" in tags:
+        sx, sy = tags["ModelPixelScale"][:2]
+        tp = np.asarray(tags["ModelTiepoint"], dtype=float).reshape(-1, 6)[0]
+        gt = (tp[3] - tp[0] * sx, sx, 0.0, tp[4] + tp[1] * sy, 0.0, -sy)
+    if gt is not None and int(tags.get("GTRasterTypeGeoKey", 1) or 1) == 2:  # PixelIsPoint
+        gt = (gt[0] - 0.5 * gt[1] - 0.5 * gt[2], *gt[1:3], gt[3] - 0.5 * gt[4] - 0.5 * gt[5],
+              *gt[4:])
+    return crs, None if gt is None else tuple(float(v) for v in gt)
+
+
+def _check_extent(series: Any, path: str) -> None:
+    """Raise if any strip/tile of the level lies beyond the end of the file (truncation)."""
+    size = os.path.getsize(path)
+    for page in filter(None, series.pages):
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)]
+        if ends and max(ends) > size:
+            raise ValueError(f"cannot read {path}: file is truncated")
+
+
+def _tiff_meta(path: str) -> dict[str, Any]:
+    """Levels, pixel size, georeference and native tiles of series 0 (metadata only)."""
+    with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise ValueError("no image series")
+        series = tif.series[0]
+        yx, tiles = [], []
+        for lv in series.levels:
+            axes = _tiff_axes(lv, path)
+            yx.append((lv.shape[axes.index("y")], lv.shape[axes.index("x")]))
+            key = lv.keyframe
+            tiles.append((key.tilelength, key.tilewidth) if key.is_tiled
+                         else (min(key.rowsperstrip or yx[-1][0], yx[-1][0]), yx[-1][1]))
+            _check_extent(lv, path)
+        mpp0 = _tiff_mpp(tif, series.keyframe)
+        crs, gt0 = _geo(series.keyframe)
+    return {"yx": yx, "tiles": tiles, "mpps": _per_level(mpp0, yx), "crs": crs, "gt0": gt0}
+
+
+def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> Scan:
+    try:
+        meta = _tiff_meta(path)
+    except Exception as exc:
+        raise _cannot(path, exc) from exc
+    yx, gt0 = meta["yx"], meta["gt0"]
+    chosen = _select_level(path, yx, meta["mpps"], level, mpp)
+    reader = TiffLevelReader(path, 0, chosen)
+    dy, dx = yx[0][0] / yx[chosen][0], yx[0][1] / yx[chosen][1]
+    geot = None if gt0 is None else (gt0[0], gt0[1] * dx, gt0[2] * dy, gt0[3], gt0[4] * dx,
+                                     gt0[5] * dy)
+    return _make_scan(path, reader, chosen, yx, meta["mpps"], meta["tiles"][chosen],
+                      meta["crs"], geot, chunk)
+
+
+# --------------------------------------------------------------------------- zarr, arrays
+
+
+def _open_zarr_path(path: str, level: int | None, mpp: float | None, chunk: int) -> Scan:
+    try:
+        node = zarr.open(os.path.abspath(path), mode="r")  # absolute: pickled to workers
+        if isinstance(node, zarr.Array):
+            arrays, axes, mpps = [node], _array_axes(node, path), [None]
+        else:
+            ms = (dict(node.attrs).get("ome") or dict(node.attrs)).get("multiscales")
+            if not ms:
+                raise ValueError(f"cannot read {path}: zarr group without multiscales metadata")
+            arrays = [node[d["path"]] for d in ms[0]["datasets"]]
+            axes_md = ms[0].get("axes", list("tczyx"))
+            names = [a["name"] if isinstance(a, dict) else a for a in axes_md]
+            units = [a.get("unit") if isinstance(a, dict) else None for a in axes_md]
+            axes = _axes_letters(names, arrays[0].shape, path)
+            mpps = [_ngff_mpp(d, names, units) for d in ms[0]["datasets"]]
+    except Exception as exc:
+        raise _cannot(path, exc) from exc
+    yx = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
+    mpps = [None] * len(mpps) if None in mpps else mpps
+    chosen = _select_level(path, yx, mpps, level, mpp)
+    ch = arrays[chosen].chunks
+    tile = (ch[axes.index("y")], ch[axes.index("x")])
+    reader = ArrayReader(arrays[chosen], axes)  # zarr arrays pickle as store path + metadata
+    return _make_scan(path, reader, chosen, yx, mpps, tile, None, None, chunk)
+
+
+def _ngff_mpp(dataset: dict, names: list[str], units: list[Any]) -> tuple[float, float] | None:
+    """µm/px (y, x) from an NGFF dataset's scale transformation and the axes' units."""
+    scale = next((t["scale"] for t in dataset.get("coordinateTransformations", [])
+                  if t.get("type") == "scale"), None)
+    iy, ix = names.index("y"), names.index("x")
+    if scale is None or units[iy] not in _UNIT_TO_UM or units[ix] not in _UNIT_TO_UM:
+        return None
+    return float(scale[iy]) * _UNIT_TO_UM[units[iy]], float(scale[ix]) * _UNIT_TO_UM[units[ix]]
+
+
+def _axes_letters(names: Any, shape: tuple[int, ...], where: str) -> str:
+    """Axis names → letters y, x, c, or o (another axis, which must have size 1)."""
+    names = [str(n).lower() for n in names]
+    out = "".join(n if n in ("y", "x", "c") else "o" for n in names)
+    if len(names) != len(shape) or "y" not in out or "x" not in out or any(
+            a == "o" and n > 1 for a, n in zip(out, shape, strict=True)):
+        raise ValueError(f"cannot read {where}: unsupported axes {names} for shape {shape}")
+    return out
+
+
+def _array_axes(arr: Any, where: str) -> str:
+    names = getattr(getattr(arr, "metadata", None), "dimension_names", None)
+    if names and all(names):
+        return _axes_letters(names, arr.shape, where)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected a (Y, X) or (Y, X, C) array, got shape {tuple(arr.shape)}")
+    return "yxc"[: arr.ndim]
+
+
+# --------------------------------------------------------------------------- common
+
+
+def _per_level(mpp0: tuple[float, float] | None, yx: list[tuple[int, int]]) -> list:
+    if mpp0 is None:
+        return [None] * len(yx)
+    return [(mpp0[0] * yx[0][0] / y, mpp0[1] * yx[0][1] / x) for y, x in yx]
+
+
+def _select_level(where: str, yx: list, mpps: list, level: int | None, mpp: float | None) -> int:
+    if level is not None and mpp is not None:
+        raise ValueError("give either level or mpp, not both")
+    if mpp is not None:
+        if mpps[0] is None:
+            raise ValueError(f"no pixel size in {where}: cannot select a level by mpp")
+        if not mpp > 0:
+            raise ValueError(f"mpp must be positive, got {mpp}")
+        return min(range(len(yx)), key=lambda i: abs(math.log(sum(mpps[i]) / 2 / mpp)))
+    level = 0 if level is None else level
+    if not isinstance(level, (int, np.integer)) or not 0 <= level < len(yx):
+        avail = ", ".join(f"{i} ({y}x{x})" for i, (y, x) in enumerate(yx))
+        raise ValueError(f"level {level} not in {where}; available levels: {avail}")
+    return int(level)
+
+
+def _chunk(tile: int | None, target: int) -> int:
+    """Chunk edge: ~``target`` rounded down to a multiple of the native tile edge."""
+    if not tile or tile > 2 * target:
+        return target
+    return max(1, target // tile) * tile
+
+
+def _make_scan(source: str, reader: Any, level: int, yx: list, mpps: list,
+               tile: tuple[int, int] | None, crs: str | None, geot: Any, chunk: int) -> Scan:
+    cy, cx = (_chunk(t, chunk) for t in (tile or (None, None)))
+    array = da.from_array(reader, chunks=(cy, cx, reader.shape[2]),
+                          meta=np.empty((0, 0, 0), reader.dtype),
+                          name=f"read-{tokenize(reader, cy, cx)}")
+    info = ScanInfo(
+        source=source, shape=reader.shape, dtype=reader.dtype.name, level=level,
+        levels=tuple((int(y), int(x)) for y, x in yx),
+        downsamples=tuple(yx[0][0] / y for y, _ in yx),
+        mpp=None if mpps[level] is None else tuple(float(v) for v in mpps[level]),
+        tile=None if tile is None else (int(tile[0]), int(tile[1])), crs=crs, geotransform=geot)
+    return Scan(array=array, info=info, reader=reader)
+
+
+def open_scan(source: Any, *, level: int | None = None, mpp: float | None = None,
+              chunk: int = CHUNK) -> Scan:
+    """Open a scan lazily.
+
+    Parameters
+    ----------
+    source
+        Path to a TIFF-family file or a ``.zarr`` / OME-Zarr store, or a numpy, zarr or dask
+        array ``(Y, X)`` or ``(Y, X, C)``.
+    level
+        Pyramid level (default 0).
+    mpp
+        Pick the level whose µm per pixel is nearest (in log scale) to this value.
+    chunk
+        Target dask chunk edge; rounded down to a multiple of the file's native tile.
+
+    Returns
+    -------
+    Scan
+        ``array`` (Y, X, C) lazy dask array, ``info``, and a picklable window ``reader``
+        (``None`` for dask inputs, whose chunks are kept).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {path}")
+        if path.suffix.lower() == ".zarr" or any(
+                (path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+            return _open_zarr_path(str(path), level, mpp, chunk)
+        if path.is_dir():
+            raise ValueError(f"cannot read {path}: a directory, not an image or a zarr store")
+        return _open_tiff(str(path), level, mpp, chunk)
+    if not isinstance(source, (np.ndarray, zarr.Array, da.Array)):
+        raise TypeError(f"cannot open {type(source).__name__} as a scan: expected a path, "
+                        "or a numpy, zarr or dask array")
+    name = f"<{type(source).__module__.split('.')[0]} array>"
+    axes = _array_axes(source, name)
+    yx = [(int(source.shape[axes.index("y")]), int(source.shape[axes.index("x")]))]
+    _select_level(name, yx, [None], level, mpp)
+    if isinstance(source, da.Array):
+        array = source if source.ndim == 3 else source[..., None]
+        info = ScanInfo(name, tuple(int(s) for s in array.shape), array.dtype.name, 0,
+                        tuple(yx), (1.0,), None, array.chunksize[:2], None, None)
+        return Scan(array=array, info=info, reader=None)
+    tile = getattr(source, "chunks", None) if isinstance(source, zarr.Array) else None
+    tile = tile and (tile[axes.index("y")], tile[axes.index("x")])
+    return _make_scan(name, ArrayReader(source, axes), 0, yx, [None], tile, None, None, chunk)
+
+
+def tiff_description(path: str | os.PathLike) -> str | None:
+    """ImageDescription of the first page of a TIFF file (None if absent or unreadable)."""
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            return tif.pages.first.description or None
+    except Exception:
+        return None

@@ -1,0 +1,377 @@
+"""Heatmap writers: OME-Zarr (NGFF 0.5, zarr v3) with a pyramid, tiled GeoTIFF, PNG preview.
+
+Coordinate conventions (the caller computes them; these writers only store them):
+
+* Array index ``k`` of the scan denotes the *centre* of scan pixel ``k`` (NGFF convention).
+  For a model with stride ``s``, offset ``o`` and receptive field ``r`` (per axis), heatmap
+  pixel ``i`` sees scan pixels ``[o + s*i, o + s*i + r)``, so its centre is at scan index
+  ``o + s*i + (r - 1)/2``. OME-Zarr ``scale = s * mpp`` and
+  ``translation = (o + (r - 1)/2) * mpp`` (``mpp = 1`` and ``unit = None`` when the scan has
+  no pixel size). Pyramid level ``L`` has ``scale_L = 2**L * scale_0`` and
+  ``translation_L = translation_0 + (2**L - 1)/2 * scale_0``.
+* GeoTIFF geotransforms are corner based (GDAL, PixelIsArea): for a scan geotransform
+  ``(x0, pw, 0, y0, 0, ph)`` the heatmap one is
+  ``(x0 + pw*(o_x + (r_x - s_x)/2), pw*s_x, 0, y0 + ph*(o_y + (r_y - s_y)/2), 0, ph*s_y)``.
+
+Outputs never look complete before they are: OME-Zarr stores carry ``tilefcn.status``
+(``"running"`` until :func:`finish_ome_zarr` sets ``"complete"`` last); GeoTIFFs are written
+to ``<path>.partial`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import dask.array as da
+import imagecodecs
+import numpy as np
+import tifffile
+import zarr
+from zarr.core.sync import sync
+
+from tilefcn.read import tiff_description
+
+__all__ = ["PALETTE", "check_output", "create_ome_zarr", "finish_ome_zarr", "write_geotiff",
+           "write_preview_png", "written_chunks"]
+
+#: Class colours (RGB) of the preview, cycled when there are more classes.
+PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+], dtype=np.uint8)
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _tilefcn_attrs(path: Path) -> dict | None:
+    """The ``tilefcn`` attribute block of a zarr v3 group at ``path``, or None."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    block = meta.get("attributes", {}).get("tilefcn") if isinstance(meta, dict) else None
+    return block if isinstance(block, dict) else None
+
+
+def _is_ours(path: Path) -> bool:
+    if path.is_dir():
+        return _tilefcn_attrs(path) is not None
+    if path.suffix.lower() in _TIFF_SUFFIXES and path.is_file():
+        try:
+            return "tilefcn" in json.loads(tiff_description(path) or "")
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool = False,
+                 resume: bool = False) -> str:
+    """Decide how to treat an output path: ``"new"``, ``"overwrite"`` or ``"resume"``.
+
+    Nothing is deleted here. Raises ``FileExistsError`` when the output exists and neither
+    flag is given, ``ValueError`` when overwriting something that is not a tilefcn output or
+    resuming something that is not a tilefcn OME-Zarr heatmap.
+    """
+    p = Path(path)
+    if overwrite and resume:
+        raise ValueError("use either --overwrite or --resume, not both")
+    if resume and p.suffix.lower() in _TIFF_SUFFIXES:
+        raise ValueError(f"cannot resume a GeoTIFF output: {p} (use --overwrite)")
+    if not (p.exists() or p.is_symlink()):
+        return "new"
+    if not (overwrite or resume):
+        raise FileExistsError(f"output exists: {p} (use --overwrite or --resume)")
+    if resume:
+        if _tilefcn_attrs(p) is None or not (p / "0" / "zarr.json").is_file():
+            raise ValueError(f"cannot resume {p}: not a tilefcn heatmap store")
+        return "resume"
+    if not _is_ours(p):
+        raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
+    return "overwrite"
+
+
+def _multiscales(name: str, unit: str | None, scale: tuple[float, float],
+                 translation: tuple[float, float], nlevels: int) -> list[dict]:
+    axes: list[dict[str, Any]] = [{"name": "c", "type": "channel"}]
+    for ax in ("y", "x"):
+        axes.append({"name": ax, "type": "space", **({"unit": unit} if unit else {})})
+    datasets = []
+    for level in range(nlevels):
+        f = 2**level
+        s = [1.0, scale[0] * f, scale[1] * f]
+        t = [0.0, *(t0 + (f - 1) / 2 * s0 for t0, s0 in zip(translation, scale, strict=True))]
+        datasets.append({"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": s}, {"type": "translation", "translation": t}]})
+    return [{"name": name, "axes": axes, "datasets": datasets}]
+
+
+def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
+                    chunks: tuple[int, int], scale: tuple[float, float],
+                    translation: tuple[float, float], unit: str | None, attrs: dict,
+                    mode: str = "new") -> zarr.Array:
+    """Create (or reopen with ``mode="resume"``) an NGFF 0.5 heatmap store.
+
+    Dataset ``"0"`` is float32 ``(c, y, x)`` of ``shape``, chunked ``(c, *chunks)``, filled with
+    NaN; the group's ``tilefcn`` attributes are ``{**attrs, "status": "running"}``.
+    ``mode="overwrite"`` deletes the old store first, only if it is a tilefcn output.
+    Returns the writable level-0 array.
+    """
+    p = Path(path)
+    if mode not in ("new", "overwrite", "resume"):
+        raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
+    shape = tuple(int(v) for v in shape)
+    chunks = (shape[0], *(int(c) for c in chunks))
+    config = {"write_empty_chunks": True}  # every written chunk exists: resume can see it
+    if mode == "resume":
+        old = _tilefcn_attrs(p)
+        if old is None:
+            raise ValueError(f"cannot resume {p}: not a tilefcn heatmap store")
+        if "model" in old and "model" in attrs and old["model"] != attrs["model"]:
+            raise ValueError(f"cannot resume {p}: it was written with a different model")
+        group = zarr.open_group(p, mode="r+", zarr_format=3)
+        array = zarr.open_array(p, path="0", mode="r+", zarr_format=3, config=config)
+        if array.shape != shape or array.chunks != chunks:
+            raise ValueError(f"cannot resume {p}: it holds shape {array.shape} chunks "
+                             f"{array.chunks}, this run needs {shape} chunks {chunks}")
+        for name in [k for k in group.array_keys() if k != "0"]:
+            del group[name]  # a stale pyramid from an earlier finish
+        group.attrs.put({
+            **dict(group.attrs),
+            "ome": {"version": "0.5",
+                    "multiscales": _multiscales(p.stem, unit, scale, translation, 1)},
+            "tilefcn": {**old, **attrs, "status": "running"}})
+        return array
+    if p.exists() or p.is_symlink():
+        if mode == "new":
+            raise FileExistsError(f"output exists: {p} (use --overwrite or --resume)")
+        if not _is_ours(p):
+            raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    group = zarr.open_group(p, mode="w-", zarr_format=3)
+    group.attrs.put({
+        "ome": {"version": "0.5",
+                "multiscales": _multiscales(p.stem, unit, scale, translation, 1)},
+        "tilefcn": {**attrs, "status": "running"},
+    })
+    return group.create_array("0", shape=shape, chunks=chunks, dtype="float32",
+                              fill_value=np.nan, dimension_names=["c", "y", "x"],
+                              config=config)
+
+
+def written_chunks(array: zarr.Array) -> set[tuple[int, int]]:
+    """Spatial chunk indices ``(iy, ix)`` already stored (lists keys; reads no data)."""
+    store, prefix = array.store_path.store, array.store_path.path
+    prefix = f"{prefix}/" if prefix else ""
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    # decoded by hand: zarr 3.1's DefaultChunkKeyEncoding.decode_chunk_key fails on "c/0/1/2"
+    sep = getattr(array.metadata.chunk_key_encoding, "separator", "/")
+    out = set()
+    for key in sync(keys()):
+        parts = key[len(prefix):].split(sep)
+        parts = parts[1:] if parts[0] == "c" else parts
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            out.add((int(parts[1]), int(parts[2])))
+    return out
+
+
+def _mean2x2(block: np.ndarray) -> np.ndarray:
+    """NaN-aware 2×2 mean of a (C, h, w) block; odd edges average what exists."""
+    c, h, w = block.shape
+    pad = np.full((c, h + h % 2, w + w % 2), np.nan, dtype=np.float64)
+    pad[:, :h, :w] = block
+    quads = pad.reshape(c, pad.shape[1] // 2, 2, pad.shape[2] // 2, 2)
+    valid = ~np.isnan(quads)
+    total = np.where(valid, quads, 0.0).sum(axis=(2, 4))
+    count = valid.sum(axis=(2, 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def finish_ome_zarr(path: str | os.PathLike, *, min_size: int = 256) -> None:
+    """Build pyramid levels 1, 2, … (NaN-aware 2×2 means) and mark the store complete.
+
+    Halving stops once the smaller spatial side is below ``min_size``. Works chunk by chunk
+    (bounded memory); ``tilefcn.status = "complete"`` is written last.
+    """
+    p = Path(path)
+    if _tilefcn_attrs(p) is None:
+        raise ValueError(f"cannot finish {p}: not a tilefcn heatmap store")
+    group = zarr.open_group(p, mode="r+", zarr_format=3)
+    ms = dict(group.attrs["ome"])["multiscales"][0]
+    t0 = ms["datasets"][0]["coordinateTransformations"]
+    scale = next(t["scale"][1:] for t in t0 if t["type"] == "scale")
+    translation = next((t["translation"][1:] for t in t0 if t["type"] == "translation"),
+                       [0.0, 0.0])
+    unit = next((a.get("unit") for a in ms["axes"] if a["name"] == "y"), None)
+    for name in [k for k in group.array_keys() if k != "0" and k.isdigit()]:
+        del group[name]
+    level, prev = 0, group["0"]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        while min(prev.shape[1:]) >= max(min_size, 2):
+            level += 1
+            c, h, w = prev.shape
+            nh, nw = math.ceil(h / 2), math.ceil(w / 2)
+            cy, cx = min(prev.chunks[1], nh), min(prev.chunks[2], nw)
+            cur = group.create_array(str(level), shape=(c, nh, nw), chunks=(c, cy, cx),
+                                     dtype="float32", fill_value=np.nan,
+                                     dimension_names=["c", "y", "x"])
+
+            def one(y0: int, x0: int, src: Any = prev, dst: Any = cur,
+                    cy: int = cy, cx: int = cx) -> None:
+                block = src[:, 2 * y0:2 * (y0 + cy), 2 * x0:2 * (x0 + cx)]
+                mean = _mean2x2(np.asarray(block))
+                dst[:, y0:y0 + mean.shape[1], x0:x0 + mean.shape[2]] = mean
+
+            list(pool.map(lambda yx: one(*yx),
+                          [(y, x) for y in range(0, nh, cy) for x in range(0, nw, cx)]))
+            prev = cur
+    ome = dict(group.attrs["ome"])
+    ome["multiscales"] = _multiscales(ms.get("name", p.stem), unit, scale, translation,
+                                      level + 1)
+    group.attrs["ome"] = ome
+    group.attrs["tilefcn"] = {**dict(group.attrs["tilefcn"]), "status": "complete"}
+
+
+def _geokeys(geotransform: tuple | None, crs: str | None) -> list[tuple]:
+    """GeoTIFF extratags (ModelPixelScale/Tiepoint or ModelTransformation, GeoKeys)."""
+    tags: list[tuple] = []
+    if geotransform is not None:
+        if len(geotransform) != 6:
+            raise ValueError(f"geotransform must have 6 numbers, got {geotransform!r}")
+        x0, pw, rx, y0, ry, ph = (float(v) for v in geotransform)
+        if rx == 0 and ry == 0:
+            tags.append((33550, 12, 3, (pw, -ph, 0.0), True))
+            tags.append((33922, 12, 6, (0.0, 0.0, 0.0, x0, y0, 0.0), True))
+        else:
+            matrix = (pw, rx, 0, x0, ry, ph, 0, y0, 0, 0, 0, 0, 0, 0, 0, 1)
+            tags.append((34264, 12, 16, tuple(float(v) for v in matrix), True))
+    keys = [(1025, 0, 1, 1)]  # GTRasterTypeGeoKey = PixelIsArea
+    if crs is not None:
+        kind, _, code = crs.partition(":")
+        if kind.upper() != "EPSG" or not code.isdigit():
+            raise ValueError(f"crs must look like 'EPSG:<code>', got {crs!r}")
+        geographic = 4000 <= int(code) < 5000
+        keys = [(1024, 0, 1, 2 if geographic else 1), *keys,
+                (2048 if geographic else 3072, 0, 1, int(code))]
+    if geotransform is not None or crs is not None:
+        flat = [1, 1, 0, len(keys)] + [v for key in keys for v in key]
+        tags.append((34735, 3, len(flat), tuple(flat), True))
+    return tags
+
+
+def _tile_rows(heatmap: da.Array, tile: int,
+               progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
+    """Yield (tile, tile, C) tiles row-major, computing one row of dask chunks at a time."""
+    c, h, w = heatmap.shape
+    buf = np.empty((c, 0, w), dtype=np.float32)
+    y = 0
+    for ch in heatmap.chunks[1]:
+        strip = np.asarray(heatmap[:, y:y + ch, :].compute(), dtype=np.float32)
+        if strip.shape != (c, ch, w):
+            raise ValueError(f"heatmap strip has shape {strip.shape}, expected {(c, ch, w)}")
+        if progress is not None:
+            progress(ch * w)
+        y += ch
+        buf = np.concatenate([buf, strip], axis=1) if buf.shape[1] else strip
+        while buf.shape[1] >= tile or (y == h and buf.shape[1]):
+            rows, buf = buf[:, :tile], buf[:, tile:]
+            for x in range(0, w, tile):
+                out = np.full((tile, tile, c), np.nan, dtype=np.float32)
+                part = rows[:, :, x:x + tile].transpose(1, 2, 0)
+                out[: part.shape[0], : part.shape[1]] = part
+                yield out
+
+
+def write_geotiff(path: str | os.PathLike, heatmap: Any, *, geotransform: tuple | None,
+                  crs: str | None, tile: int = 256, description: dict | None = None,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Write a (C, H, W) heatmap as a tiled, deflate-compressed float32 GeoTIFF.
+
+    Bands are the C classes (pixel-interleaved); nodata is NaN. The dask array is computed one
+    row of its chunks at a time and streamed tile by tile into ``<path>.partial``, which is
+    renamed to ``path`` at the end. ``progress(n)`` receives the number of heatmap pixels
+    (H×W units) finished by each strip. ``description`` is stored as JSON under ``tilefcn``;
+    its ``classes`` list, if any, also names the bands.
+    """
+    p = Path(path)
+    heatmap = heatmap if isinstance(heatmap, da.Array) else da.asarray(heatmap)
+    if heatmap.ndim != 3 or min(heatmap.shape) < 1:
+        raise ValueError(f"heatmap must be (C, H, W), got shape {heatmap.shape}")
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+    if (p.exists() or p.is_symlink()) and not _is_ours(p):
+        raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
+    c, h, w = (int(v) for v in heatmap.shape)
+    description = dict(description or {})
+    extratags = [*_geokeys(geotransform, crs), (42113, 2, 0, "nan", True)]
+    classes = description.get("classes")
+    if isinstance(classes, list) and len(classes) == c:
+        items = "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">'
+                        f"{escape(str(n))}</Item>" for i, n in enumerate(classes))
+        extratags.append((42112, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True))
+    partial = p.with_name(p.name + ".partial")
+    try:
+        tifffile.imwrite(
+            partial, _tile_rows(heatmap.astype(np.float32), tile, progress),
+            shape=(h, w, c) if c > 1 else (h, w), dtype=np.float32, tile=(tile, tile),
+            photometric="minisblack", planarconfig="contig" if c > 1 else None,
+            extrasamples=[0] * (c - 1) if c > 1 else None, compression="zlib",
+            bigtiff=c * h * w * 4 > 2**31, metadata=None,
+            description=json.dumps({"tilefcn": description}), extratags=extratags)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, p)
+
+
+def write_preview_png(path: str | os.PathLike, heatmap: np.ndarray, *,
+                      background: np.ndarray | None = None, classes: list[str]) -> None:
+    """Write an RGBA PNG: argmax class colours (:data:`PALETTE`), 50 % over ``background``.
+
+    ``heatmap`` is a small in-memory (C, h, w) array; all-NaN pixels show the background
+    (transparent without one). With one class, the colour fades from palette 0 to palette 1
+    with the value clipped to [0, 1]. ``background`` (h', w', 3) uint8 is resized by nearest
+    neighbour to (h, w).
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 3:
+        raise ValueError(f"heatmap must be (C, h, w), got shape {heat.shape}")
+    c, h, w = heat.shape
+    if len(classes) != c:
+        raise ValueError(f"{len(classes)} class names for a heatmap with {c} channels")
+    nan = np.isnan(heat).all(axis=0)
+    if c == 1:
+        v = np.clip(np.nan_to_num(heat[0]), 0, 1)[..., None]
+        colour = (1 - v) * PALETTE[0] + v * PALETTE[1]
+    else:
+        colour = PALETTE[np.argmax(np.nan_to_num(heat, nan=-np.inf), axis=0) % len(PALETTE)]
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    if background is not None:
+        bg = np.asarray(background)
+        if bg.ndim != 3 or bg.shape[2] != 3:
+            raise ValueError(f"background must be (h, w, 3), got shape {bg.shape}")
+        iy = ((np.arange(h) + 0.5) * bg.shape[0] / h).astype(int)
+        ix = ((np.arange(w) + 0.5) * bg.shape[1] / w).astype(int)
+        bg = bg[iy][:, ix].astype(np.float32)
+        rgba[..., :3] = np.where(nan[..., None], bg, 0.5 * colour + 0.5 * bg).round()
+        rgba[..., 3] = 255
+    else:
+        rgba[..., :3] = np.where(nan[..., None], 0, colour).round()
+        rgba[..., 3] = np.where(nan, 0, 255)
+    Path(path).write_bytes(imagecodecs.png_encode(rgba))
