@@ -73,3 +73,31 @@ def test_channel_mismatch_and_non_local_models_are_refused():
     pooled = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3), torch.nn.AdaptiveAvgPool2d(1))
     with pytest.raises(ValueError, match="AdaptiveAvgPool2d"):
         tilefcn.predict(image, pooled, device="cpu")
+
+
+def test_process_workers_reload_unpicklable_models_by_path(tmp_path):
+    """The same graph on a process cluster: the TIFF is reopened by path and the
+    ExportedProgram (which cannot be pickled) is loaded by each worker from its file."""
+    from distributed import Client, LocalCluster
+
+    from tilefcn.job import run
+    from tilefcn.modelio import load_model, save_exported
+
+    model = ZOO[5](3)  # the upsampling head: alignment 8 ≠ stride 1
+    pt2 = save_exported(tmp_path / "m.pt2", load_model(model))
+    image = random_image(np.random.default_rng(5), (150, 170), 3, "uint8")
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb")
+    expected = whole_image_output(model, image)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        heatmap = tilefcn.predict(path, pt2, tile=64, device="cpu")
+        result = client.compute(heatmap).result(timeout=120)
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+        summary = run(path, pt2, tmp_path / "h.zarr", tile=64, device="cpu",
+                      scheduler=cluster.scheduler_address)
+    import zarr
+
+    written = zarr.open_group(str(tmp_path / "h.zarr"), mode="r")
+    np.testing.assert_allclose(written["0"][:], expected, rtol=0, atol=1e-5)
+    assert written.attrs["tilefcn"]["status"] == "complete" and summary.tiles == 9

@@ -97,7 +97,7 @@ def _write_tasks(prediction: Prediction, array: Any, skip: set) -> list[Delayed]
              for t in prediction.plan.tiles() if t.index not in skip}
     graph = HighLevelGraph.from_collections(
         name, layer, dependencies=[*prediction.dependencies, array_d])
-    return [Delayed(key, graph) for key in layer]
+    return [Delayed(key, graph, layer=name) for key in layer]
 
 
 def _compute(tasks: list[Delayed], *, workers: int | None, scheduler: str | None,
