@@ -101,3 +101,15 @@ def test_process_workers_reload_unpicklable_models_by_path(tmp_path):
     written = zarr.open_group(str(tmp_path / "h.zarr"), mode="r")
     np.testing.assert_allclose(written["0"][:], expected, rtol=0, atol=1e-5)
     assert written.attrs["tilefcn"]["status"] == "complete" and summary.tiles == 9
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_output_shape_by_period_matches_meta(build):
+    """The TorchScript fallback (a small real forward + periodicity) agrees with meta."""
+    from tilefcn.infer import _output_shape_by_period
+    from tilefcn.measure import measure_geometry
+
+    model = build(3)
+    geometry = measure_geometry(model)
+    for hw in [(1537, 200), (203, 317), (1000, 1001)]:
+        assert _output_shape_by_period(model, 3, hw, geometry)[1:] == output_shape(model, 3, hw)

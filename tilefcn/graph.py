@@ -76,18 +76,20 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
     if channels != model.in_channels:
         raise ValueError(f"{scan.info.source} has {channels} channel(s) but model "
                          f"{model.name!r} expects {model.in_channels}")
-    out = output_shape(model.module, channels, (height, width))
+    out = output_shape(model.module, channels, (height, width), model.geometry)
     if len(model.classes) != out[0]:
         raise ValueError(f"model {model.name!r} outputs {out[0]} channels but names "
                          f"{len(model.classes)} classes")
     plan = plan_tiles(model.geometry, (height, width), out[1:], tile or DEFAULT_TILE)
     ref = make_ref(model, device, torch_threads)
-    token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device, sub_tile)
+    token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device,
+                               sub_tile)
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]
     windows: dict = {}
     if scan.reader is not None:
-        reader_d = dask.delayed(scan.reader, name=f"tilefcn-scan-{token}", traverse=False)
+        reader_d = dask.delayed(scan.reader, name=f"tilefcn-scan-{token}",
+                                traverse=False)
         dependencies.append(reader_d)
         for t in plan.tiles():
             windows[t.index] = (read_window, reader_d.key, t.read)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tilefcn.geometry import Geometry
 from tilefcn.modelio import Model, Scaling, as_eval, load_model
 from tilefcn.plan import AxisWindow, sub_windows
 
@@ -37,16 +38,42 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def output_shape(module: nn.Module, in_channels: int, hw: tuple[int, int]) -> tuple[int, int, int]:
-    """``(C, H', W')`` of ``module`` on a ``(1, in_channels, *hw)`` input, by a forward on the
-    ``meta`` device (no memory, no compute): the network's own size arithmetic."""
-    meta = copy.deepcopy(module).to("meta")
-    with torch.inference_mode():
-        out = meta(torch.empty(1, in_channels, *hw, device="meta"))
-    if out.ndim != 4:
-        raise ValueError(f"the model returns a {out.ndim}-D tensor on a 4-D input; a fully "
+def output_shape(module: nn.Module, in_channels: int, hw: tuple[int, int],
+                 geometry: Geometry | None = None) -> tuple[int, int, int]:
+    """``(C, H', W')`` of ``module`` on a ``(1, in_channels, *hw)`` input: the network's own
+    size arithmetic, from a forward on the ``meta`` device (no memory, no compute).
+
+    Modules that cannot move to ``meta`` (TorchScript) run for real on a small input of the
+    same size modulo the alignment ``A``: shifting the input length by ``A`` shifts the output
+    length by exactly ``A / stride`` (each layer's floor arithmetic is periodic in its stride).
+    """
+    try:
+        meta = copy.deepcopy(module).to("meta")
+        with torch.inference_mode():
+            out = meta(torch.empty(1, in_channels, *hw, device="meta"))
+        shape = tuple(out.shape)
+    except (RuntimeError, AssertionError, NotImplementedError, TypeError):
+        if geometry is None:
+            raise
+        shape = _output_shape_by_period(module, in_channels, hw, geometry)
+    if len(shape) != 4:
+        raise ValueError(f"the model returns a {len(shape)}-D tensor on a 4-D input; a fully "
                          "convolutional model returns (N, classes, H, W)")
-    return tuple(int(v) for v in out.shape[1:])
+    return tuple(int(v) for v in shape[1:])
+
+
+def _output_shape_by_period(module: nn.Module, in_channels: int, hw: tuple[int, int],
+                            geometry: Geometry) -> tuple[int, ...]:
+    small, periods = [], []
+    for axis, length in enumerate(hw):
+        a = geometry.alignment[axis]
+        base = length % a + a * (1 + (geometry.receptive_field[axis] + abs(
+            geometry.offset[axis])) // a)
+        small.append(min(length, base))
+        periods.append((length - small[-1]) // geometry.stride[axis])
+    with torch.inference_mode():
+        out = module(torch.zeros(1, in_channels, *small))
+    return (*out.shape[:2], out.shape[2] + periods[0], out.shape[3] + periods[1])
 
 
 def scale_input(window: np.ndarray, scaling: Scaling) -> np.ndarray:

@@ -128,7 +128,7 @@ def _count_outputs(module: nn.Module, in_channels: int, geometry: Geometry) -> i
     from tilefcn.infer import output_shape
 
     side = max(geometry.receptive_field) + 4 * max(geometry.alignment)
-    return output_shape(module, in_channels, (side, side))[0]
+    return output_shape(module, in_channels, (side, side), geometry)[0]
 
 
 # -- bundles -----------------------------------------------------------------------------
