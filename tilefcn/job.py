@@ -23,8 +23,13 @@ from tilefcn import __version__
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
 from tilefcn.read import Scan, ScanInfo
-from tilefcn.write import (check_output, create_ome_zarr, finish_ome_zarr, write_geotiff,
-                           written_chunks)
+from tilefcn.write import (
+    check_output,
+    create_ome_zarr,
+    finish_ome_zarr,
+    write_geotiff,
+    written_chunks,
+)
 
 Progress = Callable[[int, int], None]  # (tiles done so far, tiles in total)
 
@@ -157,9 +162,19 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     skipped = 0
     if out.suffix.lower() in (".tif", ".tiff"):
         geometry = prediction.model.geometry
+        pixels, written = prediction.plan.out_shape[0] * prediction.plan.out_shape[1], 0
+
+        def strip_done(n: int) -> None:  # strips of pixels → tiles-equivalent for the bar
+            nonlocal written
+            written += n
+            if progress:
+                progress(round(tiles * written / pixels), tiles)
+
+        strip_done(0)
         write_geotiff(out, prediction.heatmap,
                       geotransform=heatmap_geotransform(prediction.scan.info, geometry),
-                      crs=prediction.scan.info.crs, description=_attrs(prediction))
+                      crs=prediction.scan.info.crs, description=_attrs(prediction),
+                      progress=strip_done)
     else:
         info, geometry = prediction.scan.info, prediction.model.geometry
         (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
