@@ -91,7 +91,7 @@ class _Bar:
               help="Output: .zarr (OME-Zarr, default <stem>.heatmap.zarr next to the input) "
                    "or .tif (tiled GeoTIFF).")
 @click.option("--tile", type=click.IntRange(min=16), help="Chunk edge in input pixels "
-              "(default 2048; rounded up to the model's alignment).")
+              "(default 2048, less for small scans; rounded up to the model's alignment).")
 @click.option("--sub-tile", type=click.IntRange(min=16), help="Edge of the halo'd sub-tiles "
               "each task runs the model on (default 256 on CPU, 1024 on CUDA).")
 @click.option("--level", type=click.IntRange(min=0), help="Pyramid level to read (0 = full).")
@@ -202,8 +202,8 @@ def demo(out_dir: Path, size: int, seed: int, quiet: bool) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (model.json + weights.safetensors).")
 @click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--patch", type=click.IntRange(min=46), default=64, show_default=True,
-              help="Patch edge in pixels (the network's receptive field).")
+@click.option("--patch", type=click.IntRange(min=40), default=64, show_default=True,
+              help="Patch edge in pixels, a multiple of 8 (the receptive field).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", help="Comma-separated class names for mask values 0, 1, ... "
               "(default: names stored in the mask, else class0, class1, ...).")

@@ -8,6 +8,7 @@ reference are one graph key each, shipped to a worker once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from tilefcn.infer import ModelRef, make_ref, output_shape, run_tile
 from tilefcn.modelio import Model, load_model
-from tilefcn.plan import Tile, TilePlan, plan_tiles
+from tilefcn.plan import Tile, TilePlan, default_tile, plan_tiles
 from tilefcn.read import Scan, open_scan
-
-DEFAULT_TILE = 2048
 
 
 def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
@@ -80,7 +79,8 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
     if len(model.classes) != out[0]:
         raise ValueError(f"model {model.name!r} outputs {out[0]} channels but names "
                          f"{len(model.classes)} classes")
-    plan = plan_tiles(model.geometry, (height, width), out[1:], tile or DEFAULT_TILE)
+    tile = tile or default_tile((height, width), os.cpu_count() or 1)
+    plan = plan_tiles(model.geometry, (height, width), out[1:], tile)
     ref = make_ref(model, device, torch_threads)
     token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device,
                                sub_tile)
@@ -113,7 +113,8 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
         The scan; integer inputs are scaled by their dtype's maximum unless the model says
         otherwise.
     model : built-in name, bundle directory, ``.pt2``/TorchScript file, or ``nn.Module``
-    tile : chunk edge in input pixels (rounded up to the model's alignment); default 2048.
+    tile : chunk edge in input pixels (rounded up to the model's alignment); default 2048,
+        smaller for scans with fewer than 4 chunks per core.
     device : ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     level, mpp : pyramid level, or the level nearest ``mpp`` µm/px.
     sub_tile : edge of the sub-tiles each task loops over (default 256 on CPU).
