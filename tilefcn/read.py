@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import threading
 import weakref
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,13 +26,11 @@ import tifffile
 import zarr
 from dask.base import tokenize
 
+from tilefcn import scanmeta
+
 __all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "tiff_description"]
 
 CHUNK = 2048
-_UNIT_TO_UM = {"micrometer": 1.0, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nanometer": 1e-3,
-               "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4,
-               "meter": 1e6, "m": 1e6}
-
 
 @dataclass(frozen=True, slots=True)
 class ScanInfo:
@@ -204,7 +199,7 @@ def _cannot(path: str, exc: BaseException) -> ValueError:
     return ValueError(f"cannot read {path}: {lines[0] if lines else type(exc).__name__}")
 
 
-# --------------------------------------------------------------------------- TIFF metadata
+# --------------------------------------------------------------------------- TIFF files
 
 
 @contextlib.contextmanager
@@ -226,52 +221,6 @@ def _tiff_axes(series: Any, path: str) -> str:
     if names.count("c") > 1:
         raise ValueError(f"cannot read {path}: unsupported axes {series.axes!r} {series.shape}")
     return _axes_letters(names, series.shape, path)
-
-
-def _tiff_mpp(tif: Any, page: Any) -> tuple[float, float] | None:
-    """µm/px (y, x) at level 0: OME-XML, Aperio ``MPP = x``, or CENTIMETER resolution tags."""
-    if tif.is_ome:
-        with contextlib.suppress(ET.ParseError, TypeError, ValueError, KeyError, StopIteration):
-            px = next(e for e in ET.fromstring(tif.ome_metadata).iter()
-                      if e.tag.split("}")[-1] == "Pixels")
-            mpp = [float(px.get(f"PhysicalSize{a}")) * _UNIT_TO_UM[px.get(
-                f"PhysicalSize{a}Unit", "µm")] for a in "YX"]
-            if min(mpp) > 0:
-                return mpp[0], mpp[1]
-    match = re.search(r"\bMPP\s*=\s*([0-9.]+(?:[eE][-+]?\d+)?)", page.description or "")
-    if match and float(match.group(1)) > 0:
-        return float(match.group(1)), float(match.group(1))
-    tags = page.tags  # only CENTIMETER units: INCH/NONE hold 72-dpi-style defaults
-    if tags.valueof(296) != 3 or 282 not in tags or 283 not in tags:
-        return None
-    res = [n / d if d else 0.0 for n, d in (tags.valueof(283), tags.valueof(282))]
-    return (1e4 / res[0], 1e4 / res[1]) if min(res) > 0 else None
-
-
-def _geo(page: Any) -> tuple[str | None, tuple[float, ...] | None]:
-    """CRS ("EPSG:n") and GDAL geotransform of level 0 from GeoTIFF tags."""
-    if not page.is_geotiff:
-        return None, None
-    tags = page.geotiff_tags or {}
-    crs = None
-    for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
-        with contextlib.suppress(TypeError, ValueError):
-            code = int(tags.get(key))
-            if 0 < code < 32767:
-                crs = f"EPSG:{code}"
-                break
-    gt = None
-    if "ModelTransformation" in tags:
-        m = np.asarray(tags["ModelTransformation"], dtype=float).reshape(4, 4)
-        gt = (m[0, 3], m[0, 0], m[0, 1], m[1, 3], m[1, 0], m[1, 1])
-    elif "ModelPixelScale" in tags and "ModelTiepoint" in tags:
-        sx, sy = tags["ModelPixelScale"][:2]
-        tp = np.asarray(tags["ModelTiepoint"], dtype=float).reshape(-1, 6)[0]
-        gt = (tp[3] - tp[0] * sx, sx, 0.0, tp[4] + tp[1] * sy, 0.0, -sy)
-    if gt is not None and int(tags.get("GTRasterTypeGeoKey", 1) or 1) == 2:  # PixelIsPoint
-        gt = (gt[0] - 0.5 * gt[1] - 0.5 * gt[2], *gt[1:3], gt[3] - 0.5 * gt[4] - 0.5 * gt[5],
-              *gt[4:])
-    return crs, None if gt is None else tuple(float(v) for v in gt)
 
 
 def _check_extent(series: Any, path: str) -> None:
@@ -297,9 +246,9 @@ def _tiff_meta(path: str) -> dict[str, Any]:
             tiles.append((key.tilelength, key.tilewidth) if key.is_tiled
                          else (min(key.rowsperstrip or yx[-1][0], yx[-1][0]), yx[-1][1]))
             _check_extent(lv, path)
-        mpp0 = _tiff_mpp(tif, series.keyframe)
-        crs, gt0 = _geo(series.keyframe)
-    return {"yx": yx, "tiles": tiles, "mpps": _per_level(mpp0, yx), "crs": crs, "gt0": gt0}
+        mpps = scanmeta.per_level_mpp(scanmeta.tiff_mpp(tif, series.keyframe), yx)
+        crs, gt0 = scanmeta.tiff_georef(series.keyframe)
+    return {"yx": yx, "tiles": tiles, "mpps": mpps, "crs": crs, "gt0": gt0}
 
 
 def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> Scan:
@@ -307,12 +256,10 @@ def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> S
         meta = _tiff_meta(path)
     except Exception as exc:
         raise _cannot(path, exc) from exc
-    yx, gt0 = meta["yx"], meta["gt0"]
-    chosen = _select_level(path, yx, meta["mpps"], level, mpp)
+    yx = meta["yx"]
+    chosen = scanmeta.select_level(path, yx, meta["mpps"], level, mpp)
     reader = TiffLevelReader(path, 0, chosen)
-    dy, dx = yx[0][0] / yx[chosen][0], yx[0][1] / yx[chosen][1]
-    geot = None if gt0 is None else (gt0[0], gt0[1] * dx, gt0[2] * dy, gt0[3], gt0[4] * dx,
-                                     gt0[5] * dy)
+    geot = scanmeta.level_geotransform(meta["gt0"], yx, chosen)
     return _make_scan(path, reader, chosen, yx, meta["mpps"], meta["tiles"][chosen],
                       meta["crs"], geot, chunk)
 
@@ -334,26 +281,16 @@ def _open_zarr_path(path: str, level: int | None, mpp: float | None, chunk: int)
             names = [a["name"] if isinstance(a, dict) else a for a in axes_md]
             units = [a.get("unit") if isinstance(a, dict) else None for a in axes_md]
             axes = _axes_letters(names, arrays[0].shape, path)
-            mpps = [_ngff_mpp(d, names, units) for d in ms[0]["datasets"]]
+            mpps = [scanmeta.ngff_mpp(d, names, units) for d in ms[0]["datasets"]]
     except Exception as exc:
         raise _cannot(path, exc) from exc
     yx = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
     mpps = [None] * len(mpps) if None in mpps else mpps
-    chosen = _select_level(path, yx, mpps, level, mpp)
+    chosen = scanmeta.select_level(path, yx, mpps, level, mpp)
     ch = arrays[chosen].chunks
     tile = (ch[axes.index("y")], ch[axes.index("x")])
     reader = ArrayReader(arrays[chosen], axes)  # zarr arrays pickle as store path + metadata
     return _make_scan(path, reader, chosen, yx, mpps, tile, None, None, chunk)
-
-
-def _ngff_mpp(dataset: dict, names: list[str], units: list[Any]) -> tuple[float, float] | None:
-    """µm/px (y, x) from an NGFF dataset's scale transformation and the axes' units."""
-    scale = next((t["scale"] for t in dataset.get("coordinateTransformations", [])
-                  if t.get("type") == "scale"), None)
-    iy, ix = names.index("y"), names.index("x")
-    if scale is None or units[iy] not in _UNIT_TO_UM or units[ix] not in _UNIT_TO_UM:
-        return None
-    return float(scale[iy]) * _UNIT_TO_UM[units[iy]], float(scale[ix]) * _UNIT_TO_UM[units[ix]]
 
 
 def _axes_letters(names: Any, shape: tuple[int, ...], where: str) -> str:
@@ -376,28 +313,6 @@ def _array_axes(arr: Any, where: str) -> str:
 
 
 # --------------------------------------------------------------------------- common
-
-
-def _per_level(mpp0: tuple[float, float] | None, yx: list[tuple[int, int]]) -> list:
-    if mpp0 is None:
-        return [None] * len(yx)
-    return [(mpp0[0] * yx[0][0] / y, mpp0[1] * yx[0][1] / x) for y, x in yx]
-
-
-def _select_level(where: str, yx: list, mpps: list, level: int | None, mpp: float | None) -> int:
-    if level is not None and mpp is not None:
-        raise ValueError("give either level or mpp, not both")
-    if mpp is not None:
-        if mpps[0] is None:
-            raise ValueError(f"no pixel size in {where}: cannot select a level by mpp")
-        if not mpp > 0:
-            raise ValueError(f"mpp must be positive, got {mpp}")
-        return min(range(len(yx)), key=lambda i: abs(math.log(sum(mpps[i]) / 2 / mpp)))
-    level = 0 if level is None else level
-    if not isinstance(level, (int, np.integer)) or not 0 <= level < len(yx):
-        avail = ", ".join(f"{i} ({y}x{x})" for i, (y, x) in enumerate(yx))
-        raise ValueError(f"level {level} not in {where}; available levels: {avail}")
-    return int(level)
 
 
 def _chunk(tile: int | None, target: int) -> int:
@@ -460,7 +375,7 @@ def open_scan(source: Any, *, level: int | None = None, mpp: float | None = None
     name = f"<{type(source).__module__.split('.')[0]} array>"
     axes = _array_axes(source, name)
     yx = [(int(source.shape[axes.index("y")]), int(source.shape[axes.index("x")]))]
-    _select_level(name, yx, [None], level, mpp)
+    scanmeta.select_level(name, yx, [None], level, mpp)
     if isinstance(source, da.Array):
         array = source if source.ndim == 3 else source[..., None]
         info = ScanInfo(name, tuple(int(s) for s in array.shape), array.dtype.name, 0,
