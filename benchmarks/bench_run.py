@@ -29,9 +29,10 @@ def model_rate(model_spec: str, tile: int = 256, seconds: float = 8.0) -> float:
     import numpy as np
     import torch
 
-    from tilefcn.infer import forward, make_ref, get_model
+    from tilefcn.infer import forward, get_model, make_ref
+    from tilefcn.modelio import load_model
 
-    model = __import__("tilefcn").load_model(model_spec)
+    model = load_model(model_spec)
     ref = make_ref(model, "cpu", torch_threads=1)
     _, module = get_model(ref)
     g = model.geometry

@@ -24,16 +24,19 @@ _EXPORTS = {
     "run": "tilefcn.job",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped by what they do
+    "__version__", "Geometry", "measure_geometry", "convolutionalize", "bilinear_upsample",
+    "load_model", "save_bundle", "Model", "open_scan", "ScanInfo", "predict", "run",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from tilefcn.convert import bilinear_upsample, convolutionalize
     from tilefcn.geometry import Geometry
+    from tilefcn.graph import predict
+    from tilefcn.job import run
     from tilefcn.measure import measure_geometry
     from tilefcn.modelio import Model, load_model, save_bundle
-    from tilefcn.graph import predict
     from tilefcn.read import ScanInfo, open_scan
-    from tilefcn.job import run
 
 
 def __getattr__(name: str) -> Any:
