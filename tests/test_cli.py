@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner
-from models_zoo import padded, random_image, whole_image_output
+from models_zoo import padded, random_image, upsampling, whole_image_output
 
 from tilefcn import __version__
 from tilefcn.cli import main
@@ -66,6 +66,22 @@ def test_run_writes_exact_ome_zarr(scan, exported, tmp_path):
     transforms = node.metadata["coordinateTransformations"][0]
     scale = next(t["scale"] for t in transforms if t["type"] == "scale")
     assert scale == [1, 4 * 0.5, 4 * 0.5]  # stride × pixel size
+
+
+def test_run_exact_for_an_upsampling_model_on_uint16_four_bands(tmp_path):
+    """A second model/input family through the CLI: bilinear ×8 head (alignment 8, stride 1),
+    a 4-band uint16 TIFF, a tile that is not a multiple of the alignment."""
+    model = upsampling(4, 3)
+    pt2 = save_exported(tmp_path / "up.pt2", load_model(model))
+    image = random_image(np.random.default_rng(11), (141, 203), 4, "uint16")
+    path = tmp_path / "bands.tif"
+    tifffile.imwrite(path, image, tile=(32, 32), planarconfig="contig")
+    out = tmp_path / "up.zarr"
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(pt2), "--out", str(out),
+                                       "--tile", "50", "--sub-tile", "40", "-q"])
+    assert result.exit_code == 0, result.output
+    heatmap = zarr.open_group(str(out), mode="r")["0"][:]
+    np.testing.assert_allclose(heatmap, whole_image_output(model, image), rtol=0, atol=1e-5)
 
 
 def test_existing_output_is_refused_then_overwritten(scan, exported, tmp_path):

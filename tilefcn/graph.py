@@ -118,7 +118,8 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
     device : ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     level, mpp : pyramid level, or the level nearest ``mpp`` µm/px.
     sub_tile : edge of the sub-tiles each task loops over (default 256 on CPU).
-    torch_threads : torch threads per worker process (default: torch's own setting).
+    torch_threads : torch threads in each worker process while tasks run (default 1 on CPU:
+        one per dask thread).
     """
     return plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
                            sub_tile=sub_tile, torch_threads=torch_threads).heatmap

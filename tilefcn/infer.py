@@ -119,8 +119,14 @@ _CACHE_LOCK = threading.Lock()
 
 
 def make_ref(model: Model, device: str = "auto", torch_threads: int | None = None) -> ModelRef:
-    """A :class:`ModelRef` for ``model``; this process's cache is filled at once."""
+    """A :class:`ModelRef` for ``model``; this process's cache is filled at once.
+
+    ``torch_threads`` defaults to 1 on CPU: dask runs one task per core, and torch threads on
+    top of that oversubscribe the cores (DESIGN §5: 2 dask threads × 1 torch thread is best).
+    """
     resolved = str(resolve_device(device))
+    if torch_threads is None and resolved == "cpu":
+        torch_threads = 1
     ref = ModelRef(f"{model.sha256}:{model.spec}", model.spec, resolved, torch_threads, model)
     get_model(ref)
     return ref
@@ -135,8 +141,6 @@ def get_model(ref: ModelRef) -> tuple[Model, nn.Module]:
             module = as_eval(copy.deepcopy(model.module)).to(ref.device)
             module = module.to(memory_format=torch.channels_last)
             _CACHE[key] = (model, module)
-        if ref.torch_threads and torch.get_num_threads() != ref.torch_threads:
-            torch.set_num_threads(ref.torch_threads)
         return _CACHE[key]
 
 
@@ -160,6 +164,8 @@ def run_tile(ref: ModelRef, window: np.ndarray, y: AxisWindow, x: AxisWindow,
     """
     model, module = get_model(ref)
     device = torch.device(ref.device)
+    if ref.torch_threads and torch.get_num_threads() != ref.torch_threads:
+        torch.set_num_threads(ref.torch_threads)  # process-wide: one torch thread per dask one
     if window.shape[:2] != (y.read_stop - y.read_start, x.read_stop - x.read_start):
         raise RuntimeError(f"read {window.shape[:2]} input pixels for a window of "
                            f"{(y.read_stop - y.read_start, x.read_stop - x.read_start)}")
