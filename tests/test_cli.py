@@ -124,3 +124,19 @@ def test_info_scan_and_model(scan, exported):
     model = CliRunner().invoke(main, ["info", str(exported)])
     assert model.exit_code == 0, model.output
     assert "receptive_field" in model.output and "parameters" in model.output
+
+
+def test_demo_writes_heatmap_and_preview(tmp_path):
+    import imagecodecs
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out-dir", str(out), "--size", "512", "-q"])
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(out / "slide.heatmap.zarr"), mode="r")
+    assert group.attrs["tilefcn"]["status"] == "complete"
+    assert group.attrs["tilefcn"]["classes"] == ["background", "tissue", "dense"]
+    probabilities = group["0"][:]
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)  # softmax head
+    preview = imagecodecs.png_decode((out / "slide.preview.png").read_bytes())
+    assert preview.shape[:2] == probabilities.shape[1:]
+    assert "Preview:" in result.output and "background" in result.output
