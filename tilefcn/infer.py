@@ -106,6 +106,7 @@ class ModelRef:
     device: str
     torch_threads: int | None
     model: Model | None = None
+    geometry: Geometry | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -127,7 +128,8 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
     resolved = str(resolve_device(device))
     if torch_threads is None and resolved == "cpu":
         torch_threads = 1
-    ref = ModelRef(f"{model.sha256}:{model.spec}", model.spec, resolved, torch_threads, model)
+    ref = ModelRef(f"{model.sha256}:{model.spec}", model.spec, resolved, torch_threads, model,
+                   model.geometry)
     get_model(ref)
     return ref
 
@@ -137,7 +139,7 @@ def get_model(ref: ModelRef) -> tuple[Model, nn.Module]:
     key = (ref.token, ref.device)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            model = ref.model if ref.model is not None else load_model(ref.spec)
+            model = ref.model or load_model(ref.spec, geometry=ref.geometry)
             module = as_eval(copy.deepcopy(model.module)).to(ref.device)
             module = module.to(memory_format=torch.channels_last)
             _CACHE[key] = (model, module)

@@ -8,9 +8,10 @@ built, then ``complete``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,19 +106,38 @@ def _write_tasks(prediction: Prediction, array: Any, skip: set) -> list[Delayed]
     return [Delayed(key, graph, layer=name) for key in layer]
 
 
-def _compute(tasks: list[Delayed], *, workers: int | None, scheduler: str | None,
-             progress: Progress | None, total: int, done: int) -> None:
-    """Compute ``tasks`` on local threads or a ``dask.distributed`` scheduler address."""
-    if scheduler:
-        from distributed import Client, as_completed
+SCHEDULER_TIMEOUT = "30s"
 
-        with Client(scheduler, timeout="30s") as client:
-            futures = client.compute(tasks)
-            for _ in as_completed(futures):
-                done += 1
-                if progress:
-                    progress(done, total)
-            client.gather(futures)
+
+@contextlib.contextmanager
+def _executor(scheduler: str | None, workers: int) -> Iterator[Any]:
+    """A connected ``distributed.Client`` (also dask's default while open), or local threads."""
+    if not scheduler:
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            yield None
+        return
+    from distributed import Client
+
+    try:
+        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        yield client
+
+
+def _compute(tasks: list[Delayed], client: Any, *, progress: Progress | None, total: int,
+             done: int) -> None:
+    """Compute ``tasks`` on ``client``'s cluster, or on the local threaded scheduler."""
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(tasks)
+        for _ in as_completed(futures):
+            done += 1
+            if progress:
+                progress(done, total)
+        client.gather(futures)
         return
     from dask.callbacks import Callback
 
@@ -132,7 +152,48 @@ def _compute(tasks: list[Delayed], *, workers: int | None, scheduler: str | None
                     progress(done, total)
 
     with _Tick():
-        dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count())
+        dask.compute(*tasks)
+
+
+def _write_tiff(prediction: Prediction, out: Path, progress: Progress | None) -> int:
+    """Stream the heatmap into a GeoTIFF (row strips of chunks); returns 0 tiles skipped."""
+    tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
+    pixels, written = prediction.plan.out_shape[0] * prediction.plan.out_shape[1], 0
+
+    def strip_done(n: int) -> None:  # strips of pixels → tiles-equivalent for the bar
+        nonlocal written
+        written += n
+        if progress:
+            progress(round(tiles * written / pixels), tiles)
+
+    strip_done(0)
+    info = prediction.scan.info
+    write_geotiff(out, prediction.heatmap,
+                  geotransform=heatmap_geotransform(info, prediction.model.geometry),
+                  crs=info.crs, description=_attrs(prediction), progress=strip_done)
+    return 0
+
+
+def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any,
+                progress: Progress | None) -> int:
+    """Write every missing chunk of an OME-Zarr heatmap, then its pyramid; returns how many
+    chunks a resumed store already had."""
+    info, geometry = prediction.scan.info, prediction.model.geometry
+    (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
+    unit, (my, mx) = ("micrometer", info.mpp) if info.mpp else (None, (1.0, 1.0))
+    array = create_ome_zarr(
+        out, shape=(prediction.classes, *prediction.plan.out_shape),
+        chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
+        scale=(sy * my, sx * mx), translation=(ty * my, tx * mx), unit=unit,
+        attrs=_attrs(prediction), mode=mode)
+    skip = written_chunks(array) if mode == "resume" else set()
+    tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
+    if progress:
+        progress(len(skip), tiles)
+    _compute(_write_tasks(prediction, array, skip), client, progress=progress, total=tiles,
+             done=len(skip))
+    finish_ome_zarr(out)
+    return len(skip)
 
 
 def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
@@ -156,42 +217,15 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
     prediction = plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
                                  sub_tile=sub_tile, torch_threads=threads)
+    start = time.perf_counter()
+    with _executor(scheduler, workers) as client:  # connect before writing anything
+        if out.suffix.lower() in (".tif", ".tiff"):
+            skipped = _write_tiff(prediction, out, progress)
+        else:
+            skipped = _write_zarr(prediction, out, mode, client, progress)
+    seconds = time.perf_counter() - start
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     height, width = prediction.plan.image_shape
-    start = time.perf_counter()
-    skipped = 0
-    if out.suffix.lower() in (".tif", ".tiff"):
-        geometry = prediction.model.geometry
-        pixels, written = prediction.plan.out_shape[0] * prediction.plan.out_shape[1], 0
-
-        def strip_done(n: int) -> None:  # strips of pixels → tiles-equivalent for the bar
-            nonlocal written
-            written += n
-            if progress:
-                progress(round(tiles * written / pixels), tiles)
-
-        strip_done(0)
-        write_geotiff(out, prediction.heatmap,
-                      geotransform=heatmap_geotransform(prediction.scan.info, geometry),
-                      crs=prediction.scan.info.crs, description=_attrs(prediction),
-                      progress=strip_done)
-    else:
-        info, geometry = prediction.scan.info, prediction.model.geometry
-        (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
-        unit, (my, mx) = ("micrometer", info.mpp) if info.mpp else (None, (1.0, 1.0))
-        array = create_ome_zarr(
-            out, shape=(prediction.classes, *prediction.plan.out_shape),
-            chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
-            scale=(sy * my, sx * mx), translation=(ty * my, tx * mx), unit=unit,
-            attrs=_attrs(prediction), mode=mode)
-        skip = written_chunks(array) if mode == "resume" else set()
-        skipped = len(skip)
-        if progress:
-            progress(skipped, tiles)
-        _compute(_write_tasks(prediction, array, skip), workers=workers, scheduler=scheduler,
-                 progress=progress, total=tiles, done=skipped)
-        finish_ome_zarr(out)
-    seconds = time.perf_counter() - start
     computed = 1.0 - skipped / tiles
     return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
                       skipped, seconds, height * width * computed / 1e6)

@@ -222,11 +222,11 @@ def _forward_arg_names(module: nn.Module) -> list[str]:
     return [p for p in inspect.signature(module.forward).parameters if p != "self"]
 
 
-def _load_exported(path: Path, spec: str) -> Model:
+def _load_exported(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
     extra = {"tilefcn.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     meta = json.loads(extra["tilefcn.json"]) if extra["tilefcn.json"] else {}
-    return from_module(program.module(), in_channels=meta.get("in_channels"),
+    return from_module(program.module(), in_channels=meta.get("in_channels"), geometry=geometry,
                        classes=meta.get("classes"), name=meta.get("name", path.stem),
                        scaling=Scaling.from_dict(meta.get("scaling")), spec=spec)
 
@@ -239,23 +239,23 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
-def _load_torch_file(path: Path, spec: str) -> Model:
+def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
     names = _zip_names(path)
     if any(n.endswith("/code/") or "/code/" in n for n in names) and any(
             n.endswith("constants.pkl") for n in names):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(path), map_location="cpu")
-        return from_module(module, name=path.stem, spec=spec)
+        return from_module(module, name=path.stem, spec=spec, geometry=geometry)
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
-        return _load_exported(path, spec)
+        return _load_exported(path, spec, geometry)
     raise ModelFileError(
         f"{path} is a pickled PyTorch checkpoint: tilefcn never unpickles model files. In trusted "
         "code, build the module, load its state dict with torch.load(..., weights_only=True), and "
         "save it with tilefcn.save_bundle(...) or torch.export.save(...)")
 
 
-def _load_factory(spec: str) -> Model:
+def _load_factory(spec: str, geometry: Geometry | None = None) -> Model:
     module_name, _, func_name = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
@@ -266,16 +266,21 @@ def _load_factory(spec: str) -> Model:
         return replace(built, spec=spec)
     if not isinstance(built, nn.Module):
         raise ModelFileError(f"factory {spec!r} returned {type(built).__name__}, not a module")
-    return from_module(built, name=func_name, spec=spec)
+    return from_module(built, name=func_name, spec=spec, geometry=geometry)
 
 
-def load_model(spec: str | Path | nn.Module | Model) -> Model:
+def load_model(spec: str | Path | nn.Module | Model, *,
+               geometry: Geometry | None = None) -> Model:
     """Load a model from a built-in name, a bundle directory, a ``.pt2`` ExportedProgram,
-    a TorchScript file, a ``package.module:function`` factory, or wrap an ``nn.Module``."""
+    a TorchScript file, a ``package.module:function`` factory, or wrap an ``nn.Module``.
+
+    ``geometry``, when already known (workers reloading a model the client measured), skips
+    measuring it again; bundles carry theirs in ``model.json``.
+    """
     if isinstance(spec, Model):
         return spec
     if isinstance(spec, nn.Module):
-        return from_module(spec)
+        return from_module(spec, geometry=geometry)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -284,14 +289,14 @@ def load_model(spec: str | Path | nn.Module | Model) -> Model:
         return _load_bundle(path, str(path.resolve()))
     if path.is_file():
         if path.suffix == ".pt2":
-            return _load_exported(path, str(path.resolve()))
+            return _load_exported(path, str(path.resolve()), geometry)
         if path.suffix == ".json" and path.name == "model.json":
             return _load_bundle(path.parent, str(path.parent.resolve()))
-        return _load_torch_file(path, str(path.resolve()))
+        return _load_torch_file(path, str(path.resolve()), geometry)
     if text in bundled_names():
         return _load_bundle(BUNDLED_DIR / text, text)
     if ":" in text and not path.suffix and "/" not in text:
-        return _load_factory(text)
+        return _load_factory(text, geometry)
     known = ", ".join(bundled_names()) or "none bundled"
     raise ModelFileError(f"no such model: {text!r} (not a file, bundle directory or built-in "
                          f"name; built-in: {known})")
