@@ -112,16 +112,31 @@ def from_module(module: nn.Module, *, in_channels: int | None = None,
                 scaling: Scaling | None = None, spec: str | None = None,
                 geometry: Geometry | None = None, patch_size: tuple[int, int] | None = None,
                 card: dict | None = None) -> Model:
-    """Wrap an ``nn.Module``: measure its geometry and count its classes on a meta tensor."""
-    from tilefcn.measure import measure_geometry
+    """Wrap an ``nn.Module``: measure its geometry and count its classes on a meta tensor.
 
+    Measured geometries are remembered per process by (architecture, weights, channels), so
+    predicting with the same in-memory module again does not measure it again.
+    """
     module = as_eval(module)
     in_channels = in_channels or _infer_in_channels(module) or 3
-    geometry = geometry or measure_geometry(module, in_channels)
+    sha256 = state_sha256(module)
+    geometry = geometry or _measured(module, in_channels, sha256)
     if classes is None:
         classes = [f"class{i}" for i in range(_count_outputs(module, in_channels, geometry))]
     return Model(module, name or type(module).__name__, in_channels, tuple(classes), geometry,
-                 scaling or Scaling(), patch_size, state_sha256(module), spec, card or {})
+                 scaling or Scaling(), patch_size, sha256, spec, card or {})
+
+
+_GEOMETRIES: dict[tuple[str, str, int], Geometry] = {}
+
+
+def _measured(module: nn.Module, in_channels: int, sha256: str) -> Geometry:
+    from tilefcn.measure import measure_geometry
+
+    key = (repr(module), sha256, in_channels)
+    if key not in _GEOMETRIES:
+        _GEOMETRIES[key] = measure_geometry(module, in_channels)
+    return _GEOMETRIES[key]
 
 
 def _count_outputs(module: nn.Module, in_channels: int, geometry: Geometry) -> int:
