@@ -103,12 +103,16 @@ class _Bar:
               help="Local worker threads (default: number of cores).")
 @click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. "
               "tcp://10.0.0.5:8786 (workers need tilefcn installed).")
+@click.option("--mask", "mask", default="none", show_default=True, metavar="none|auto|PATH",
+              help="none: compute every tile; auto: skip tiles without tissue (brightfield) "
+                   "or with nodata only (other scans); PATH: a mask image, non-zero = compute. "
+                   "Skipped outputs are NaN.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: int | None,
         level: int | None, mpp: float | None, device: str, workers: int | None,
-        scheduler: str | None, overwrite: bool, resume: bool, quiet: bool) -> None:
+        scheduler: str | None, mask: str, overwrite: bool, resume: bool, quiet: bool) -> None:
     """Predict IMAGE (TIFF/OME-TIFF/SVS/GeoTIFF/zarr) and write the heatmap chunk by chunk."""
     from tilefcn.job import run as run_scan
 
@@ -130,13 +134,14 @@ def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: i
     try:
         summary = run_scan(scan, model, out, tile=tile, device=device,
                            workers=workers, scheduler=scheduler, overwrite=overwrite,
-                           resume=resume, sub_tile=sub_tile, progress=progress)
+                           resume=resume, sub_tile=sub_tile, mask=mask, progress=progress)
     finally:
         bar.close()
     click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "
                f"{summary.megapixels:.1f} MP in {summary.seconds:.1f} s "
                f"({summary.mp_per_s:.1f} MP/s, {summary.tiles} tiles"
-               + (f", {summary.tiles_skipped} resumed" if summary.tiles_skipped else "") + ")")
+               + (f", {summary.tiles_skipped} resumed" if summary.tiles_skipped else "")
+               + (f", {summary.tiles_masked} masked" if summary.tiles_masked else "") + ")")
 
 
 @main.command()

@@ -19,13 +19,18 @@ from dask.highlevelgraph import HighLevelGraph
 
 from tilefcn.infer import ModelRef, make_ref, output_shape, run_tile
 from tilefcn.modelio import Model, load_model
-from tilefcn.plan import Tile, TilePlan, default_tile, plan_tiles
+from tilefcn.plan import Tile, TilePlan, default_tile, plan_tiles, tiles_without_foreground
 from tilefcn.read import Scan, open_scan
 
 
 def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
     """Read one ``(h, w, C)`` window from a scan reader (runs inside a task)."""
     return np.asarray(reader[window])
+
+
+def nan_block(classes: int, height: int, width: int) -> np.ndarray:
+    """The heatmap block of a tile that was not computed: NaN."""
+    return np.full((classes, height, width), np.nan, np.float32)
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,13 @@ class Prediction:
     sub_tile: int | None
     dependencies: tuple
     windows: dict
+    masked: frozenset = frozenset()
 
     def task(self, tile: Tile) -> tuple:
-        """The raw dask task computing ``tile``'s heatmap block ``(C, h, w)``."""
+        """The raw dask task computing ``tile``'s heatmap block ``(C, h, w)`` (all NaN for a
+        tile the mask leaves out: nothing is read or run for it)."""
+        if tile.index in self.masked:
+            return (nan_block, self.classes, *tile.out_shape)
         return (run_tile, self.ref_key, self.windows[tile.index], tile.y, tile.x,
                 self.plan.image_shape, self.sub_tile)
 
@@ -67,8 +76,13 @@ class Prediction:
 
 def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
                     level: int | None = None, mpp: float | None = None,
-                    sub_tile: int | None = None, torch_threads: int | None = None) -> Prediction:
-    """Open the scan, load the model, check they fit, and plan the tiles (nothing computed)."""
+                    sub_tile: int | None = None, torch_threads: int | None = None,
+                    mask: str | None = None) -> Prediction:
+    """Open the scan, load the model, check they fit, and plan the tiles (nothing computed).
+
+    ``mask``: ``None``/``"none"`` computes every tile; ``"auto"`` or a mask image path skips
+    tiles with no foreground (see :mod:`tilefcn.mask`); their outputs are NaN.
+    """
     scan = image if isinstance(image, Scan) else open_scan(image, level=level, mpp=mpp)
     model = load_model(model)
     height, width, channels = scan.info.shape
@@ -81,9 +95,14 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
                          f"{len(model.classes)} classes")
     tile = tile or default_tile((height, width), os.cpu_count() or 1)
     plan = plan_tiles(model.geometry, (height, width), out[1:], tile)
+    masked: frozenset = frozenset()
+    if mask not in (None, "none"):
+        from tilefcn.mask import foreground_mask
+
+        masked = tiles_without_foreground(plan, foreground_mask(scan, mask))
     ref = make_ref(model, device, torch_threads)
     token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device,
-                               sub_tile)
+                               sub_tile, sorted(masked))
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]
     windows: dict = {}
@@ -95,16 +114,18 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
             windows[t.index] = (read_window, reader_d.key, t.read)
     else:
         for t in plan.tiles():
+            if t.index in masked:
+                continue
             window = scan.array[t.read].rechunk(-1)
             dependencies.append(window)
             windows[t.index] = (window.name, 0, 0, 0)
     return Prediction(scan, model, plan, ref, f"tilefcn-predict-{token}", sub_tile,
-                      tuple(dependencies), windows)
+                      tuple(dependencies), windows, masked)
 
 
 def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
             level: int | None = None, mpp: float | None = None, sub_tile: int | None = None,
-            torch_threads: int | None = None) -> da.Array:
+            torch_threads: int | None = None, mask: str | None = None) -> da.Array:
     """Lazy heatmap ``(C, H_out, W_out)`` float32 equal to ``model(whole image)``.
 
     Parameters
@@ -118,8 +139,9 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
     device : ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     level, mpp : pyramid level, or the level nearest ``mpp`` µm/px.
     sub_tile : edge of the sub-tiles each task loops over (default 256 on CPU).
+    mask : ``"auto"`` or a mask image path: tiles without foreground are not computed (NaN).
     torch_threads : torch threads in each worker process while tasks run (default 1 on CPU:
         one per dask thread).
     """
     return plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
-                           sub_tile=sub_tile, torch_threads=torch_threads).heatmap
+                           sub_tile=sub_tile, torch_threads=torch_threads, mask=mask).heatmap

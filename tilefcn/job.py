@@ -45,6 +45,7 @@ class RunSummary:
     tiles_skipped: int
     seconds: float
     megapixels: float
+    tiles_masked: int = 0
 
     @property
     def mp_per_s(self) -> float:
@@ -88,6 +89,7 @@ def _attrs(prediction: Prediction) -> dict[str, Any]:
         "source": info.to_dict(),
         "classes": list(model.classes),
         "tile": [prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]],
+        "masked_tiles": len(prediction.masked),
     }
 
 
@@ -186,25 +188,27 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any,
         chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
         scale=(sy * my, sx * mx), translation=(ty * my, tx * mx), unit=unit,
         attrs=_attrs(prediction), mode=mode)
-    skip = written_chunks(array) if mode == "resume" else set()
+    resumed = written_chunks(array) if mode == "resume" else set()
+    skip = resumed | prediction.masked  # masked tiles stay NaN, the store's fill value
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     if progress:
         progress(len(skip), tiles)
     _compute(_write_tasks(prediction, array, skip), client, progress=progress, total=tiles,
              done=len(skip))
     finish_ome_zarr(out)
-    return len(skip)
+    return len(resumed - prediction.masked)
 
 
 def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
         tile: int | None = None, level: int | None = None, mpp: float | None = None,
         device: str = "auto", workers: int | None = None, scheduler: str | None = None,
         overwrite: bool = False, resume: bool = False, sub_tile: int | None = None,
-        progress: Progress | None = None) -> RunSummary:
+        mask: str | None = None, progress: Progress | None = None) -> RunSummary:
     """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
 
     An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
-    chunks already written are kept and only the missing ones computed).
+    chunks already written are kept and only the missing ones computed). ``mask`` (``"auto"``
+    or a mask image) leaves tiles without foreground uncomputed (NaN).
     """
     if out is None:
         source = str(image.info.source if isinstance(image, Scan) else image)
@@ -216,7 +220,7 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     workers = workers or os.cpu_count() or 1
     threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
     prediction = plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
-                                 sub_tile=sub_tile, torch_threads=threads)
+                                 sub_tile=sub_tile, torch_threads=threads, mask=mask)
     start = time.perf_counter()
     with _executor(scheduler, workers) as client:  # connect before writing anything
         if out.suffix.lower() in (".tif", ".tiff"):
@@ -226,6 +230,7 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     seconds = time.perf_counter() - start
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     height, width = prediction.plan.image_shape
-    computed = 1.0 - skipped / tiles
+    computed = 1.0 - (skipped + len(prediction.masked)) / tiles
     return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
-                      skipped, seconds, height * width * computed / 1e6)
+                      skipped, seconds, height * width * computed / 1e6,
+                      len(prediction.masked))

@@ -15,7 +15,10 @@ field ``r`` and alignment ``A`` on an image of ``n`` rows::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from tilefcn.geometry import Geometry, ceil_to, floor_to
 
@@ -184,3 +187,22 @@ def sub_windows(geometry: Geometry, axis: int, outer: AxisWindow, image_len: int
             outer.read_start))
         start = stop
     return windows
+
+
+def tiles_without_foreground(plan: TilePlan, mask: np.ndarray) -> frozenset[tuple[int, int]]:
+    """Indices of tiles whose input window (halo included) holds no foreground in ``mask``.
+
+    ``mask`` covers the whole image at lower resolution: image row ``y`` is mask row
+    ``y · mask_rows / image_rows``. Each window is widened by one mask pixel per side, so
+    foreground lost to the downsampling at a window's edge still counts.
+    """
+    fy, fx = (mask.shape[0] / plan.image_shape[0], mask.shape[1] / plan.image_shape[1])
+    empty = set()
+    for tile in plan.tiles():
+        y0 = max(0, math.floor(tile.y.read_start * fy) - 1)
+        y1 = min(mask.shape[0], math.ceil(tile.y.read_stop * fy) + 1)
+        x0 = max(0, math.floor(tile.x.read_start * fx) - 1)
+        x1 = min(mask.shape[1], math.ceil(tile.x.read_stop * fx) + 1)
+        if not mask[y0:y1, x0:x1].any():
+            empty.add(tile.index)
+    return frozenset(empty)
