@@ -113,3 +113,22 @@ def test_output_shape_by_period_matches_meta(build):
     geometry = measure_geometry(model)
     for hw in [(1537, 200), (203, 317), (1000, 1001)]:
         assert _output_shape_by_period(model, 3, hw, geometry)[1:] == output_shape(model, 3, hw)
+
+
+def test_in_memory_models_ship_by_value_or_fail_clearly(tmp_path):
+    import pickle
+
+    from tilefcn.infer import get_model, make_ref
+    from tilefcn.modelio import load_model, save_exported
+
+    model = load_model(ZOO[1](3))
+    ref = make_ref(model, "cpu")
+    copy = pickle.loads(pickle.dumps(ref))
+    x = torch.rand(1, 3, 40, 40)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(copy.model.module(x), model.module(x))
+    assert get_model(copy)[0].sha256 == model.sha256
+    program = torch.export.load(str(save_exported(tmp_path / "m.pt2", model))).module()
+    unpicklable = make_ref(load_model(program), "cpu")  # in memory, no path to reload from
+    with pytest.raises(TypeError, match="pass the path instead"):
+        pickle.dumps(unpicklable)

@@ -8,6 +8,7 @@ The CUDA path (``device="cuda"``) is written but only exercised on machines with
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 from dataclasses import dataclass
 
@@ -112,7 +113,22 @@ class ModelRef:
         state = dict(self.__dict__)
         if self.spec is not None:
             state["model"] = None
+        elif self.model is not None:  # the user's own in-memory module, shipped by value
+            import cloudpickle
+
+            try:
+                state["model"] = cloudpickle.dumps(self.model)
+            except Exception as exc:  # noqa: BLE001 - any pickling failure means the same
+                raise TypeError(
+                    f"model {self.model.name!r} cannot be sent to worker processes ({exc}); "
+                    "save it (tilefcn.save_bundle, or torch.export.save for an ExportedProgram) "
+                    "and pass the path instead") from None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("model"), bytes):
+            state["model"] = pickle.loads(state["model"])
+        self.__dict__.update(state)
 
 
 _CACHE: dict[tuple[str, str], tuple[Model, nn.Module]] = {}
