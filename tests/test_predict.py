@@ -121,7 +121,7 @@ def test_in_memory_models_ship_by_value_or_fail_clearly(tmp_path):
     from tilefcn.infer import get_model, make_ref
     from tilefcn.modelio import load_model, save_exported
 
-    model = load_model(ZOO[1](3))
+    model = load_model(ZOO[0](3))
     ref = make_ref(model, "cpu")
     copy = pickle.loads(pickle.dumps(ref))
     x = torch.rand(1, 3, 40, 40)

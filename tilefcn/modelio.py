@@ -220,8 +220,7 @@ def _load_bundle(path: Path, spec: str) -> Model:
 
 def save_exported(path: str | Path, model: Model, example_size: int = 128) -> Path:
     """Save ``model`` as an ExportedProgram (dynamic H/W) with its metadata as an extra file."""
-    # at least two outputs per axis: torch.export specialises sizes that could give 0 or 1
-    low = max(model.geometry.receptive_field) + 2 * max(model.geometry.alignment)
+    low = max(model.geometry.receptive_field)
     h, w = torch.export.Dim("h", min=low), torch.export.Dim("w", min=low)
     x = torch.zeros(1, model.in_channels, example_size, example_size)
     shapes = {_forward_arg_names(model.module)[0]: {2: h, 3: w}}
