@@ -89,3 +89,17 @@ def test_tiles_without_foreground_widens_windows_by_one_mask_pixel():
     assert (3, 3) in empty and len(empty) == 16 - 6
     assert auto_foreground(np.full((4, 4, 3), 240, np.uint8)).sum() == 0
     assert auto_foreground(np.array([[[200, 100, 200]]], np.uint8)).all()
+
+
+def test_thumbnail_reads_one_small_level(tmp_path):
+    from tilefcn.read import open_scan, thumbnail
+
+    slide = write_slide(tmp_path / "p.ome.tif", (1024, 768), seed=1, compression="zlib",
+                        levels=3)
+    scan = open_scan(slide.image)
+    level1 = open_scan(slide.image, level=1).array.compute()
+    np.testing.assert_array_equal(thumbnail(scan, 512), level1)  # 512×384 fits as it is
+    small = thumbnail(scan, 200)  # from level 2 (256×192) with a stride of 2
+    np.testing.assert_array_equal(small, open_scan(slide.image, level=2).array.compute()[::2, ::2])
+    image = np.arange(300 * 90 * 1, dtype=np.uint16).reshape(300, 90, 1)
+    np.testing.assert_array_equal(thumbnail(open_scan(image), 100), image[::3, ::3])

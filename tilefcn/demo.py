@@ -34,7 +34,7 @@ def run_demo(out_dir: str | Path = "tilefcn-demo", *, size: int = 4096, seed: in
              overwrite: bool = True, progress: Progress | None = None) -> DemoResult:
     """Generate a ``size``² synthetic slide in ``out_dir``, run ``tissue`` on it, and write the
     OME-Zarr heatmap and a PNG overlay (argmax colours over the slide thumbnail)."""
-    from tilefcn.read import open_scan
+    from tilefcn.read import open_scan, thumbnail
     from tilefcn.synthetic import write_slide
     from tilefcn.write import write_preview_png
 
@@ -46,10 +46,7 @@ def run_demo(out_dir: str | Path = "tilefcn-demo", *, size: int = 4096, seed: in
                   progress=progress)
     group = zarr.open_group(str(heatmap), mode="r")
     small = preview_level(group)
-    scan = open_scan(synthetic.image)
-    level = min(range(len(scan.info.levels)),
-                key=lambda i: abs(scan.info.levels[i][0] - small.shape[1]))
-    thumb = open_scan(synthetic.image, level=level).array.compute()
+    thumb = thumbnail(open_scan(synthetic.image), max(small.shape[1:]))
     preview = out_dir / "slide.preview.png"
     classes = list(group.attrs["tilefcn"]["classes"])
     write_preview_png(preview, small, background=thumb, classes=classes)

@@ -12,23 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tilefcn.read import Scan, open_scan
+from tilefcn.read import Scan, open_scan, thumbnail
 
 MAX_SIDE = 2048
 GLASS_GREY, GLASS_SATURATION = 220, 20
-
-
-def low_resolution(scan: Scan, max_side: int = MAX_SIDE) -> np.ndarray:
-    """``(y, x, C)`` view of ``scan`` whose larger side is at most ``max_side``: the largest
-    pyramid level that small (reopened by path), else level 0 read with a stride."""
-    height, width = scan.info.shape[:2]
-    source = scan.info.source
-    if not source.startswith("<") and len(scan.info.levels) > 1:
-        fitting = [i for i, (h, w) in enumerate(scan.info.levels) if max(h, w) <= max_side]
-        if fitting:
-            return np.asarray(open_scan(source, level=fitting[0]).array.compute())
-    step = -(-max(height, width) // max_side)
-    return np.asarray(scan.array[::step, ::step].compute())
 
 
 def auto_foreground(image: np.ndarray) -> np.ndarray:
@@ -43,6 +30,6 @@ def auto_foreground(image: np.ndarray) -> np.ndarray:
 def foreground_mask(scan: Scan, spec: str | Path) -> np.ndarray:
     """The low-resolution boolean mask for ``spec`` (``"auto"`` or a mask image path)."""
     if str(spec) == "auto":
-        return auto_foreground(low_resolution(scan))
-    mask = low_resolution(open_scan(spec))
+        return auto_foreground(thumbnail(scan, MAX_SIDE))
+    mask = thumbnail(open_scan(spec), MAX_SIDE)
     return np.any(mask != 0, axis=-1)

@@ -28,7 +28,8 @@ from dask.base import tokenize
 
 from tilefcn import scanmeta
 
-__all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "tiff_description"]
+__all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "thumbnail",
+           "tiff_description"]
 
 CHUNK = 2048
 
@@ -384,6 +385,21 @@ def open_scan(source: Any, *, level: int | None = None, mpp: float | None = None
     tile = getattr(source, "chunks", None) if isinstance(source, zarr.Array) else None
     tile = tile and (tile[axes.index("y")], tile[axes.index("x")])
     return _make_scan(name, ArrayReader(source, axes), 0, yx, [None], tile, None, None, chunk)
+
+
+def thumbnail(scan: Scan, max_side: int) -> np.ndarray:
+    """``(y, x, C)`` view of ``scan`` whose larger side is at most ``max_side``, read from the
+    smallest pyramid level that is at least that large (reopened by path) with a stride, or a
+    level between ``max_side/2`` and ``max_side`` as it is; never more than one level."""
+    levels, base = scan.info.levels, scan
+    if not scan.info.source.startswith("<") and len(levels) > 1:
+        large = [i for i, (h, w) in enumerate(levels) if max(h, w) > max_side]
+        pick = large[-1] if large else len(levels) - 1
+        if pick + 1 < len(levels) and 2 * max(levels[pick + 1]) > max_side:
+            pick += 1
+        base = open_scan(scan.info.source, level=pick)
+    step = -(-max(base.info.shape[:2]) // max_side)
+    return np.asarray(base.array[::step, ::step].compute())
 
 
 def tiff_description(path: str | os.PathLike) -> str | None:
