@@ -88,3 +88,19 @@ def test_halo_rounding_and_spans():
     assert (w.read_start, w.read_stop, w.crop_start) == (64, 118, 24)
     with pytest.raises(ValueError):
         Geometry((3, 3), (2, 2), (0, 0), (3, 3))  # alignment not a multiple of the stride
+
+
+@settings(max_examples=100, deadline=None)
+@given(geometries, st.integers(50, 400), st.integers(4, 40))
+def test_sub_windows_have_no_sliver_at_the_end(g, n, sub):
+    k, s, p = g.receptive_field[0], g.stride[0], -g.offset[0]
+    m = (n + 2 * p - k) // s + 1
+    if m < 1:
+        return
+    step = -(-sub // g.alignment[0]) * g.alignment[0] // s
+    outer = axis_windows(g, 0, n, m, 10**6)[0]
+    subs = sub_windows(g, 0, outer, n, sub)
+    assert [w.out_start for w in subs[1:]] == [w.out_stop for w in subs[:-1]]
+    assert subs[0].out_start == 0 and subs[-1].out_stop == m
+    if len(subs) > 1:
+        assert subs[-1].out_len >= step // 2 and all(w.out_len == step for w in subs[:-1])

@@ -178,11 +178,15 @@ def sub_windows(geometry: Geometry, axis: int, outer: AxisWindow, image_len: int
 
     Sub-windows nest inside ``outer`` (same rule, same true borders), and are returned with
     read coordinates relative to ``outer.read_start`` so they index the task's window array.
+    A last sub-tile shorter than half a step is folded into the one before it (fewer tiny
+    forwards, and no 1-output windows that exported programs may have specialised away).
     """
     step = output_chunk_len(geometry, axis, sub_tile)
     windows, start = [], outer.out_start
     while start < outer.out_stop:
         stop = min(start + step, outer.out_stop)
+        if outer.out_stop - stop < step // 2:  # no sliver sub-tile at the end: fold it in
+            stop = outer.out_stop
         windows.append(axis_window(geometry, axis, start, stop, image_len).relative_to(
             outer.read_start))
         start = stop
