@@ -120,21 +120,14 @@ def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: i
         raise click.UsageError("give --level or --mpp, not both")
     if overwrite and resume:
         raise click.UsageError("give --overwrite or --resume, not both")
-    if not image.exists():
-        raise FileNotFoundError(f"no such file: {image}")
-    bar = _Bar(0.0, not quiet)
-
-    def progress(done: int, total: int) -> None:
-        bar(done, total)
-
     from tilefcn.read import open_scan
 
-    scan = open_scan(image, level=level, mpp=mpp)
-    bar.megapixels = scan.info.shape[0] * scan.info.shape[1] / 1e6
+    scan = open_scan(image, level=level, mpp=mpp)  # a missing file: one-line error, exit 2
+    bar = _Bar(scan.info.shape[0] * scan.info.shape[1] / 1e6, not quiet)
     try:
         summary = run_scan(scan, model, out, tile=tile, device=device,
                            workers=workers, scheduler=scheduler, overwrite=overwrite,
-                           resume=resume, sub_tile=sub_tile, mask=mask, progress=progress)
+                           resume=resume, sub_tile=sub_tile, mask=mask, progress=bar)
     finally:
         bar.close()
     click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "

@@ -105,17 +105,17 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
                                sub_tile, sorted(masked))
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]
-    windows: dict = {}
+    windows: dict = {}  # how each computed tile gets its input window (masked tiles: none)
     if scan.reader is not None:
         reader_d = dask.delayed(scan.reader, name=f"tilefcn-scan-{token}",
                                 traverse=False)
         dependencies.append(reader_d)
-        for t in plan.tiles():
+    for t in plan.tiles():
+        if t.index in masked:
+            continue
+        if scan.reader is not None:
             windows[t.index] = (read_window, reader_d.key, t.read)
-    else:
-        for t in plan.tiles():
-            if t.index in masked:
-                continue
+        else:
             window = scan.array[t.read].rechunk(-1)
             dependencies.append(window)
             windows[t.index] = (window.name, 0, 0, 0)

@@ -256,7 +256,7 @@ def _zip_names(path: Path) -> list[str]:
 
 def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
     names = _zip_names(path)
-    if any(n.endswith("/code/") or "/code/" in n for n in names) and any(
+    if any("/code/" in n for n in names) and any(
             n.endswith("constants.pkl") for n in names):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
