@@ -7,7 +7,7 @@ import torch
 from models_zoo import ZOO, random_image, whole_image_output
 
 import tilefcn
-from tilefcn.infer import output_shape
+from tilefcn.measure.shapes import output_shape
 
 # (image shape, tile) cases: non-multiples of tile and stride, one pixel past a chunk
 # boundary, smaller than one chunk, tiny tiles that make many chunks.
@@ -106,7 +106,7 @@ def test_process_workers_reload_unpicklable_models_by_path(tmp_path):
 @pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
 def test_output_shape_by_period_matches_meta(build):
     """The TorchScript fallback (a small real forward + periodicity) agrees with meta."""
-    from tilefcn.infer import _output_shape_by_period
+    from tilefcn.measure.shapes import _output_shape_by_period
     from tilefcn.measure import measure_geometry
 
     model = build(3)

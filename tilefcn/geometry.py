@@ -10,11 +10,15 @@ Convention (per axis, input pixel indices are integers, pixel ``k`` covers ``[k,
 origin must sit so that every intermediate feature map of the tile lines up with the
 whole-image one; it equals ``stride`` for downsampling-only networks and is the largest
 internal downsampling factor for networks that upsample again (a bilinear head, a U-Net).
+
+Two window rules complete it: ``min_input``, the shortest input the network (or an exported
+program's dynamic-shape range) accepts, and ``border``, how many rows from a true image border
+a reflect/replicate padding may read (a window touching that border holds at least as many).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Pair = tuple[int, int]
 
@@ -44,9 +48,11 @@ class Geometry:
     stride: Pair
     offset: Pair
     alignment: Pair | None = None
+    min_input: Pair = field(default=(1, 1), compare=False)
+    border: Pair = field(default=(0, 0), compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("receptive_field", "stride", "offset"):
+        for name in ("receptive_field", "stride", "offset", "min_input", "border"):
             object.__setattr__(self, name, _pair(getattr(self, name)))
         align = self.stride if self.alignment is None else _pair(self.alignment)
         object.__setattr__(self, "alignment", align)
@@ -102,6 +108,8 @@ class Geometry:
             "stride": list(self.stride),
             "offset": list(self.offset),
             "alignment": list(self.alignment),
+            "min_input": list(self.min_input),
+            "border": list(self.border),
         }
 
     @classmethod
@@ -111,4 +119,6 @@ class Geometry:
             stride=_pair(data["stride"]),
             offset=_pair(data["offset"]),
             alignment=_pair(data["alignment"]) if data.get("alignment") is not None else None,
+            min_input=_pair(data.get("min_input", 1)),
+            border=_pair(data.get("border", 0)),
         )

@@ -17,7 +17,8 @@ import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
-from tilefcn.infer import ModelRef, make_ref, output_shape, run_tile
+from tilefcn.infer import ModelRef, make_ref, run_tile
+from tilefcn.measure.shapes import output_shape
 from tilefcn.modelio import Model, load_model
 from tilefcn.plan import Tile, TilePlan, default_tile, plan_tiles, tiles_without_foreground
 from tilefcn.read import Scan, open_scan
@@ -74,6 +75,16 @@ class Prediction:
                         meta=np.empty((0, 0, 0), np.float32))
 
 
+def _positive_int(name: str, value: Any) -> int | None:
+    """``value`` as a positive int (None stays None); ``ValueError`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or \
+            value < 1:
+        raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
+    return int(value)
+
+
 def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
                     level: int | None = None, mpp: float | None = None,
                     sub_tile: int | None = None, torch_threads: int | None = None,
@@ -83,6 +94,8 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
     ``mask``: ``None``/``"none"`` computes every tile; ``"auto"`` or a mask image path skips
     tiles with no foreground (see :mod:`tilefcn.mask`); their outputs are NaN.
     """
+    tile = _positive_int("tile", tile)
+    sub_tile = _positive_int("sub_tile", sub_tile)
     scan = image if isinstance(image, Scan) else open_scan(image, level=level, mpp=mpp)
     model = load_model(model)
     height, width, channels = scan.info.shape

@@ -39,44 +39,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def output_shape(module: nn.Module, in_channels: int, hw: tuple[int, int],
-                 geometry: Geometry | None = None) -> tuple[int, int, int]:
-    """``(C, H', W')`` of ``module`` on a ``(1, in_channels, *hw)`` input: the network's own
-    size arithmetic, from a forward on the ``meta`` device (no memory, no compute).
-
-    Modules that cannot move to ``meta`` (TorchScript) run for real on a small input of the
-    same size modulo the alignment ``A``: shifting the input length by ``A`` shifts the output
-    length by exactly ``A / stride`` (each layer's floor arithmetic is periodic in its stride).
-    """
-    try:
-        meta = copy.deepcopy(module).to("meta")
-        with torch.inference_mode():
-            out = meta(torch.empty(1, in_channels, *hw, device="meta"))
-        shape = tuple(out.shape)
-    except (RuntimeError, AssertionError, NotImplementedError, TypeError):
-        if geometry is None:
-            raise
-        shape = _output_shape_by_period(module, in_channels, hw, geometry)
-    if len(shape) != 4:
-        raise ValueError(f"the model returns a {len(shape)}-D tensor on a 4-D input; a fully "
-                         "convolutional model returns (N, classes, H, W)")
-    return tuple(int(v) for v in shape[1:])
-
-
-def _output_shape_by_period(module: nn.Module, in_channels: int, hw: tuple[int, int],
-                            geometry: Geometry) -> tuple[int, ...]:
-    small, periods = [], []
-    for axis, length in enumerate(hw):
-        a = geometry.alignment[axis]
-        base = length % a + a * (1 + (geometry.receptive_field[axis] + abs(
-            geometry.offset[axis])) // a)
-        small.append(min(length, base))
-        periods.append((length - small[-1]) // geometry.stride[axis])
-    with torch.inference_mode():
-        out = module(torch.zeros(1, in_channels, *small))
-    return (*out.shape[:2], out.shape[2] + periods[0], out.shape[3] + periods[1])
-
-
 def scale_input(window: np.ndarray, scaling: Scaling) -> np.ndarray:
     """Float32 ``(h, w, C)``: ``x / divisor`` (``"dtype"`` = the integer dtype's maximum,
     floats unchanged), then ``(x - mean) / std`` per channel when the model has them."""
@@ -133,6 +95,7 @@ class ModelRef:
 
 _CACHE: dict[tuple[str, str], tuple[Model, nn.Module]] = {}
 _CACHE_LOCK = threading.Lock()
+_CACHE_MAX = 8
 
 
 def make_ref(model: Model, device: str = "auto", torch_threads: int | None = None) -> ModelRef:
@@ -144,8 +107,8 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
     resolved = str(resolve_device(device))
     if torch_threads is None and resolved == "cpu":
         torch_threads = 1
-    ref = ModelRef(f"{model.sha256}:{model.spec}", model.spec, resolved, torch_threads, model,
-                   model.geometry)
+    ref = ModelRef(f"{model.fingerprint or model.sha256}:{model.spec}", model.spec, resolved,
+                   torch_threads, model, model.geometry)
     get_model(ref)
     return ref
 
@@ -158,6 +121,8 @@ def get_model(ref: ModelRef) -> tuple[Model, nn.Module]:
             model = ref.model or load_model(ref.spec, geometry=ref.geometry)
             module = as_eval(copy.deepcopy(model.module)).to(ref.device)
             module = module.to(memory_format=torch.channels_last)
+            if len(_CACHE) >= _CACHE_MAX:  # bounded: a long-lived worker sees many models
+                _CACHE.pop(next(iter(_CACHE)))
             _CACHE[key] = (model, module)
         return _CACHE[key]
 

@@ -7,8 +7,13 @@ refused. A Python factory ``package.module:function`` is explicit, trusted user 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import importlib
+import inspect
+import io
 import json
 import warnings
 import zipfile
@@ -65,6 +70,7 @@ class Model:
     sha256: str = ""
     spec: str | None = None
     card: dict = field(default_factory=dict)
+    fingerprint: str = ""  # what the module computes: architecture + weights (cache key)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary (used by ``tilefcn info`` and the heatmap attributes)."""
@@ -81,20 +87,46 @@ class ModelFileError(ValueError):
     """A model spec that cannot be loaded (missing, unsafe, or malformed)."""
 
 
-def _infer_in_channels(module: nn.Module) -> int | None:
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            return layer.in_channels
-    return None
-
-
 def state_sha256(module: nn.Module) -> str:
     """sha256 over the module's state dict (names, shapes, raw bytes), order-independent."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _tensor_digest(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def _tensor_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+@functools.lru_cache(maxsize=512)
+def _class_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return cls.__qualname__
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 of what ``module`` computes: per submodule its class (qualified name and source
+    code, or the generated code of a graph / TorchScript module), its plain attributes
+    (numbers, strings, tuples: kernel sizes, flags, a scale used in forward) and mode, and
+    every parameter and buffer (persistent or not)."""
+    digest = hashlib.sha256()
+    for name, m in module.named_modules(remove_duplicate=False):
+        cls = type(m)
+        code = getattr(m, "code", None) if isinstance(m, (torch.fx.GraphModule,
+                                                            torch.jit.ScriptModule)) else None
+        digest.update(f"{name}|{cls.__module__}.{cls.__qualname__}|".encode())
+        digest.update((code if isinstance(code, str) else _class_source(cls)).encode())
+        plain = {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(
+            v, (int, float, str, bool, tuple, type(None)))}
+        digest.update(repr(sorted(plain.items())).encode())
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        _tensor_digest(digest, name, t)
     return digest.hexdigest()
 
 
@@ -111,39 +143,67 @@ def from_module(module: nn.Module, *, in_channels: int | None = None,
                 classes: list[str] | tuple[str, ...] | None = None, name: str | None = None,
                 scaling: Scaling | None = None, spec: str | None = None,
                 geometry: Geometry | None = None, patch_size: tuple[int, int] | None = None,
-                card: dict | None = None) -> Model:
-    """Wrap an ``nn.Module``: measure its geometry and count its classes on a meta tensor.
+                card: dict | None = None, owned: bool = False,
+                program: torch.export.ExportedProgram | None = None) -> Model:
+    """Wrap an ``nn.Module``: measure its geometry and count its classes.
 
-    Measured geometries are remembered per process by (architecture, weights, channels), so
-    predicting with the same in-memory module again does not measure it again.
+    A user's module (``owned=False``) is never changed: it is copied, and refused if a layer
+    whose output depends on training mode is in training mode. Modules tilefcn built itself
+    (bundles, factories, files: ``owned``) are put in eval mode. Measured geometries are
+    remembered per process by :func:`module_fingerprint` and channels, so predicting with the
+    same module again does not measure it again, and an edited module is measured anew.
     """
-    module = as_eval(module)
-    in_channels = in_channels or _infer_in_channels(module) or 3
-    sha256 = state_sha256(module)
-    geometry = geometry or _measured(module, in_channels, sha256)
+    from tilefcn.measure import in_channels_of, refuse_training_mode
+
+    if owned:
+        module = as_eval(module)
+    else:
+        refuse_training_mode(module)
+        module = copy.deepcopy(module)
+    if in_channels is None:
+        in_channels = _program_channels(program) if program is not None else None
+    in_channels = in_channels or in_channels_of(module)
+    fingerprint = module_fingerprint(module)
+    geometry = geometry or _measured(program or module, module, in_channels, fingerprint)
     if classes is None:
         classes = [f"class{i}" for i in range(_count_outputs(module, in_channels, geometry))]
     return Model(module, name or type(module).__name__, in_channels, tuple(classes), geometry,
-                 scaling or Scaling(), patch_size, sha256, spec, card or {})
+                 scaling or Scaling(), patch_size, state_sha256(module), spec, card or {},
+                 fingerprint)
 
 
-_GEOMETRIES: dict[tuple[str, str, int], Geometry] = {}
+def _program_channels(program: torch.export.ExportedProgram) -> int | None:
+    """Channels of the program's image input, read from its signature."""
+    users = {s.arg.name for s in program.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in users and getattr(val, "dim", None) \
+                and val.dim() == 4 and isinstance(val.shape[1], int):
+            return val.shape[1]
+    return None
 
 
-def _measured(module: nn.Module, in_channels: int, sha256: str) -> Geometry:
-    from tilefcn.measure import measure_geometry
+_GEOMETRIES: dict[tuple[str, int], Geometry] = {}
+_GEOMETRIES_MAX = 256
 
-    key = (repr(module), sha256, in_channels)
+
+def _measured(target: Any, module: nn.Module, in_channels: int, fingerprint: str) -> Geometry:
+    from tilefcn.measure import measure
+
+    key = (fingerprint, in_channels)
     if key not in _GEOMETRIES:
-        _GEOMETRIES[key] = measure_geometry(module, in_channels)
+        if len(_GEOMETRIES) >= _GEOMETRIES_MAX:
+            _GEOMETRIES.pop(next(iter(_GEOMETRIES)))
+        _GEOMETRIES[key] = measure(target, in_channels, runtime=module).geometry
     return _GEOMETRIES[key]
 
 
 def _count_outputs(module: nn.Module, in_channels: int, geometry: Geometry) -> int:
-    from tilefcn.infer import output_shape
+    from tilefcn.measure.shapes import accepted_size
 
-    side = max(geometry.receptive_field) + 4 * max(geometry.alignment)
-    return output_shape(module, in_channels, (side, side), geometry)[0]
+    side = max(*geometry.receptive_field, *geometry.min_input)
+    return accepted_size(module, in_channels, side, max(geometry.alignment) + 1)[1][1]
 
 
 # -- bundles -----------------------------------------------------------------------------
@@ -213,37 +273,47 @@ def _load_bundle(path: Path, spec: str) -> Model:
     return from_module(module, in_channels=meta["in_channels"], classes=meta["classes"],
                        name=path.name, scaling=Scaling.from_dict(meta.get("scaling")),
                        spec=spec, geometry=geometry, card=meta.get("card", {}),
-                       patch_size=tuple(patch) if patch else None)
+                       patch_size=tuple(patch) if patch else None, owned=True)
 
 
 # -- graph files -------------------------------------------------------------------------
 
-def save_exported(path: str | Path, model: Model, example_size: int = 128) -> Path:
-    """Save ``model`` as an ExportedProgram (dynamic H/W) with its metadata as an extra file."""
-    low = max(model.geometry.receptive_field)
-    h, w = torch.export.Dim("h", min=low), torch.export.Dim("w", min=low)
-    x = torch.zeros(1, model.in_channels, example_size, example_size)
-    shapes = {_forward_arg_names(model.module)[0]: {2: h, 3: w}}
-    program = torch.export.export(model.module.eval(), (x,), dynamic_shapes=shapes)
+def save_exported(path: str | Path, model: Model, example_size: int | None = None) -> Path:
+    """Save ``model`` as an ExportedProgram (dynamic H/W: every size the network accepts) with
+    its metadata and measured geometry as an extra file."""
+    from tilefcn.measure.shapes import accepted_size, export_program
+
+    g = model.geometry
+    size = example_size or accepted_size(model.module, model.in_channels,
+                                         max(64, *g.receptive_field, *g.min_input))[0]
+    program = export_program(as_eval(model.module), model.in_channels, size)
     meta = {"classes": list(model.classes), "in_channels": model.in_channels,
-            "scaling": model.scaling.to_dict(), "name": model.name}
+            "scaling": model.scaling.to_dict(), "name": model.name,
+            "geometry": model.geometry.to_dict()}
     torch.export.save(program, str(path), extra_files={"tilefcn.json": json.dumps(meta)})
     return Path(path)
 
 
-def _forward_arg_names(module: nn.Module) -> list[str]:
-    import inspect
-
-    return [p for p in inspect.signature(module.forward).parameters if p != "self"]
-
-
 def _load_exported(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
     extra = {"tilefcn.json": ""}
-    program = torch.export.load(str(path), extra_files=extra)
-    meta = json.loads(extra["tilefcn.json"]) if extra["tilefcn.json"] else {}
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file means the same
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"{path}: not a readable ExportedProgram (.pt2) file: {detail}"
+                             ) from None
+    try:
+        meta = json.loads(extra["tilefcn.json"]) if extra["tilefcn.json"] else {}
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path}: its tilefcn.json metadata is not valid JSON") from None
+    if geometry is None and isinstance(meta.get("geometry"), dict):
+        geometry = Geometry.from_dict(meta["geometry"])
     return from_module(program.module(), in_channels=meta.get("in_channels"), geometry=geometry,
                        classes=meta.get("classes"), name=meta.get("name", path.stem),
-                       scaling=Scaling.from_dict(meta.get("scaling")), spec=spec)
+                       scaling=Scaling.from_dict(meta.get("scaling")), spec=spec, owned=True,
+                       program=program)
 
 
 def _zip_names(path: Path) -> list[str]:
@@ -261,7 +331,7 @@ def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(path), map_location="cpu")
-        return from_module(module, name=path.stem, spec=spec, geometry=geometry)
+        return from_module(module, name=path.stem, spec=spec, geometry=geometry, owned=True)
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
         return _load_exported(path, spec, geometry)
     raise ModelFileError(
@@ -281,7 +351,7 @@ def _load_factory(spec: str, geometry: Geometry | None = None) -> Model:
         return replace(built, spec=spec)
     if not isinstance(built, nn.Module):
         raise ModelFileError(f"factory {spec!r} returned {type(built).__name__}, not a module")
-    return from_module(built, name=func_name, spec=spec, geometry=geometry)
+    return from_module(built, name=func_name, spec=spec, geometry=geometry, owned=True)
 
 
 def load_model(spec: str | Path | nn.Module | Model, *,

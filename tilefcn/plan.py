@@ -7,10 +7,15 @@ Per axis, for outputs ``[i0, i1)`` of a network with offset ``o``, stride ``s``,
 field ``r`` and alignment ``A`` on an image of ``n`` rows::
 
     read_start = 0                          if o + s*i0 <= 0  (true border: the net pads itself)
-               = floor_to(o + s*i0, A)      otherwise          (feature grids line up)
+               = floor_to(min(o, 0) + s*i0, A)   otherwise     (feature grids line up)
     read_stop  = n                          if o + s*(i1-1) + r >= n  (true border)
-               = o + s*(i1-1) + r           otherwise
+               = the least e >= o + s*(i1-1) + r with e ≡ n (mod A)   otherwise
     crop_start = i0 - read_start / s        (index of output i0 in model(window))
+
+Every window length is thus ≡ n (mod A): a size the network accepts whenever it accepts the whole
+image (a U-Net's skips line up, an unpooling finds its sizes). A window shorter than the
+geometry's ``min_input`` (or, touching a true border, than its ``border``) grows by multiples of
+``A`` — forwards while it can, backwards at the far border — inside ``bounds``.
 """
 
 from __future__ import annotations
@@ -59,18 +64,35 @@ class AxisWindow:
 
 
 def axis_window(geometry: Geometry, axis: int, out_start: int, out_stop: int,
-                image_len: int) -> AxisWindow:
-    """Input window and crop for outputs ``[out_start, out_stop)`` along ``axis`` (module doc)."""
+                image_len: int, bounds: tuple[int, int] | None = None) -> AxisWindow:
+    """Input window and crop for outputs ``[out_start, out_stop)`` along ``axis`` (module doc).
+
+    ``bounds`` (default the image) limits how far a short window may grow: a sub-window stays
+    inside its task's window.
+    """
     if not 0 <= out_start < out_stop:
         raise ValueError(f"bad output range [{out_start}, {out_stop})")
-    s, a = geometry.stride[axis], geometry.alignment[axis]
-    need_start, need_stop = geometry.input_span(out_start, out_stop, axis)
     if image_len < 1:
         raise ValueError(f"empty image axis ({image_len} px)")
+    s, a = geometry.stride[axis], geometry.alignment[axis]
+    lo, hi = bounds or (0, image_len)
+    need_start, need_stop = geometry.input_span(out_start, out_stop, axis)
     # clamps only matter for outputs that see nothing but the network's padding
-    read_start = 0 if need_start <= 0 else min(floor_to(need_start, a),
+    read_start = 0 if need_start <= 0 else min(floor_to(min(need_start, s * out_start), a),
                                                floor_to(image_len - 1, a))
-    read_stop = image_len if need_stop >= image_len else max(need_stop, read_start + 1)
+    if need_stop >= image_len:
+        read_stop = image_len
+    else:
+        read_stop = max(need_stop, read_start + 1)
+        read_stop += (image_len - read_stop) % a
+    least = geometry.min_input[axis]
+    if read_start == 0 or read_stop == image_len:
+        least = max(least, geometry.border[axis])
+    if read_stop - read_start < least:
+        grow = ceil_to(least - (read_stop - read_start), a)
+        read_stop = min(read_stop + grow, hi) if read_stop < image_len else read_stop
+        if read_stop - read_start < least:
+            read_start = max(lo, floor_to(read_stop - least, a))
     return AxisWindow(out_start, out_stop, read_start, read_stop, out_start - read_start // s)
 
 
@@ -187,8 +209,8 @@ def sub_windows(geometry: Geometry, axis: int, outer: AxisWindow, image_len: int
         stop = min(start + step, outer.out_stop)
         if outer.out_stop - stop < step // 2:  # no sliver sub-tile at the end: fold it in
             stop = outer.out_stop
-        windows.append(axis_window(geometry, axis, start, stop, image_len).relative_to(
-            outer.read_start))
+        windows.append(axis_window(geometry, axis, start, stop, image_len, (
+            outer.read_start, outer.read_stop)).relative_to(outer.read_start))
         start = stop
     return windows
 

@@ -1,0 +1,543 @@
+"""The analytic pass: receptive field, stride, offset and alignment from torch.export's ATen graph.
+
+Per axis, an interval of output indices is carried back through the graph to the input rows it
+reads (:mod:`tilefcn.measure.intervals`); where paths merge (skips, concatenation) the hull is
+taken. Every tensor carries its downsampling factor (input pixels per feature pixel, a Fraction)
+and where its two spatial axes are (permutes move them). Symbolic sizes (the program is exported
+with dynamic height and width) show which crops and resizes follow the input's size.
+
+Ops are either modelled (convolutions, pools, unpooling, resizes by an integer factor, pads,
+crops, pixel (un)shuffle, layout ops, pointwise ops by their ``pointwise`` tag, reductions over
+channels), refused with the node named (global pooling, spatial reductions and normalisation,
+attention, fully connected layers over positions, ``roll``/``flip``, fixed-size or shape-computed
+crops and resizes, positional tensors, random ops, training-mode layers), or unknown: then
+:class:`Unsupported` is raised and the caller falls back to probing plus verification.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import sympy
+import torch
+from torch import fx
+
+from tilefcn.geometry import Geometry
+from tilefcn.measure.intervals import (
+    BIG,
+    IDENTITY,
+    cover,
+    shift,
+    to_geometry,
+    transposed,
+    upsample,
+    window,
+)
+
+FCN_HINT = ("the model is not fully convolutional; use tilefcn.convolutionalize(...) to turn a "
+            "patch classifier into an FCN")
+_INT_MAX = 1 << 62
+
+
+class Unsupported(Exception):
+    """An operation the analytic pass does not model: measure by the probe, then verify."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """A tensor on the image grid: downsampling factor and positions of the (y, x) axes."""
+
+    factor: tuple[Fraction, Fraction]
+    axes: tuple[int, int]
+
+
+_IDENT = {"clone", "alias", "detach", "contiguous", "_to_copy", "to", "type_as",
+          "lift_fresh_copy", "expand", "zeros_like", "ones_like", "full_like", "empty_like",
+          "_native_batch_norm_legit_no_training", "channel_shuffle", "native_channel_shuffle",
+          "hardtanh", "prelu", "_prelu_kernel", "log_sigmoid_forward", "threshold"}
+_REFUSE = {
+    "roll": "wraps around the image (torch.roll)",
+    "rot90": "rotates the image",
+    "grid_sampler_2d": "samples at computed coordinates", "grid_sampler": "samples at computed "
+    "coordinates", "affine_grid_generator": "samples at computed coordinates",
+    "scaled_dot_product_attention": "mixes all positions (attention)",
+    "_native_multi_head_attention": "mixes all positions (attention)",
+    "group_norm": "normalises over the whole image", "native_group_norm": "normalises over the "
+    "whole image", "instance_norm": "normalises over the whole image",
+    "_native_batch_norm_legit": "uses batch statistics (training mode; call model.eval() first)",
+    "bernoulli": "is random", "rand_like": "is random", "randn_like": "is random",
+    "normal": "is random", "native_dropout": "is random (dropout in training mode)",
+    "circular_pad2d": "wraps around the image (circular padding)",
+}
+_ADAPTIVE = "pools over the whole image"
+
+
+def _bind(node: fx.Node) -> dict:
+    """Arguments of an OpOverload call by schema name, defaults filled in."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def _expr(value):
+    """A sympy expression for an int, SymInt or the fx node that computes one."""
+    if isinstance(value, fx.Node):
+        value = value.meta.get("val")
+    if isinstance(value, torch.SymInt):
+        return sympy.sympify(value.node.expr)
+    if isinstance(value, (int, float)):
+        return sympy.Integer(int(value)) if float(value).is_integer() else sympy.Float(value)
+    raise Unsupported(f"cannot read the size {value!r}")
+
+
+def _int(value) -> int | None:
+    e = sympy.simplify(_expr(value))
+    return int(e) if e.is_number and e == int(e) else None
+
+
+def _two(v, n: int = 2) -> tuple:
+    if isinstance(v, (tuple, list)):
+        return tuple(v) * n if len(v) == 1 else tuple(v[-2:])
+    return (v,) * n
+
+
+def _shape(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        val = val[0]
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+class Analysis:
+    """Per-node grids and back-maps of an ExportedProgram (the analytic pass)."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        self.program, self.graph = program, program.graph
+        users = [s.arg.name for s in program.graph_signature.input_specs
+                 if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+        self.kind: dict[fx.Node, object] = {}  # Grid | "shape" | "const"
+        self.back: dict[fx.Node, list[tuple[fx.Node, tuple]]] = {}
+        self.pads: list[tuple[fx.Node, tuple[int, int]]] = []  # reflect/replicate: rows read
+        self.unpool: dict[fx.Node, tuple] = {}
+        self.crop: dict[fx.Node, str] = {}
+        self.input = self.output = None
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in users and self.input is None and len(_shape(node)) == 4:
+                    self.input = node
+                    self.kind[node] = Grid((Fraction(1), Fraction(1)), (2, 3))
+                else:
+                    self.kind[node] = "const"
+            elif node.op == "output":
+                outs = [a for a in fx.node.map_arg(node.args[0], lambda n: n)
+                        ] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+                if len(outs) != 1 or not isinstance(self.kind.get(outs[0]), Grid):
+                    raise ValueError("the model must return a single (N, C, H, W) tensor")
+                self.output = outs[0]
+                if len(_shape(self.output)) != 4 or self.kind[self.output].axes != (2, 3):
+                    raise ValueError("the model must return a single (N, C, H, W) tensor")
+            elif node.op == "call_function":
+                self._visit(node)
+            else:
+                self.kind[node] = "const"
+        if self.input is None:
+            raise ValueError("the model takes no (N, C, H, W) image tensor")
+
+    # -- labels and refusals -----------------------------------------------------------------
+    def label(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        layer = ""
+        if stack:
+            path, cls = list(stack.values())[-1]
+            name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+            layer = f" in layer '{path}' ({name.strip(chr(39))})" if path else ""
+        op = getattr(node.target, "overloadpacket", node.target)
+        return f"operation '{getattr(op, '__name__', str(op)).strip('_')}'{layer}"
+
+    def refuse(self, node: fx.Node, why: str, hint: str = FCN_HINT) -> ValueError:
+        return ValueError(f"{self.label(node)} {why}: {hint}")
+
+    # -- the forward pass over the graph -----------------------------------------------------
+    def _visit(self, node: fx.Node) -> None:
+        ins = node.all_input_nodes
+        grids = [n for n in ins if isinstance(self.kind.get(n), Grid)]
+        if not isinstance(node.target, torch._ops.OpOverload):
+            if node.target is operator.getitem and grids:
+                self.kind[node] = self.kind[grids[0]]
+                self.back[node] = [(grids[0], (IDENTITY, IDENTITY))]
+                if grids[0] in self.crop:
+                    self.crop[node] = self.crop[grids[0]]
+                return
+            if grids:
+                raise Unsupported(f"{self.label(node)} is not modelled")
+            self.kind[node] = "shape" if any(self.kind.get(n) == "shape" for n in ins) or (
+                isinstance(node.meta.get("val"), torch.SymInt)) else "const"
+            return
+        packet = node.target.overloadpacket.__name__
+        name = packet if packet in _REFUSE or packet in _IDENT else packet.strip("_")
+        if name in ("sym_size", "sym_numel", "sym_stride", "sym_storage_offset"):
+            self.kind[node] = "shape"
+            return
+        if not grids:
+            shaped = any(self.kind.get(n) == "shape" for n in ins)
+            self.kind[node] = "shape" if shaped else "const"
+            return
+        if any(self.kind.get(n) == "shape" for n in ins if isinstance(
+                n.meta.get("val"), torch.Tensor)):
+            raise self.refuse(node, "mixes in a tensor computed from the input's size "
+                              "(positional, not translation-invariant)",
+                              "remove coordinate/positional inputs")
+        if crop := next((self.crop[n] for n in grids if n in self.crop), None):
+            self.crop[node] = crop
+        if len({self.kind[n] for n in grids}) > 1 and name not in ("max_unpool2d",):
+            raise Unsupported(f"{self.label(node)} mixes tensors of different grids")
+        src = grids[0]
+        g: Grid = self.kind[src]
+        spec = self._spec(node, name, _bind(node), g, src)
+        if spec is None:
+            raise Unsupported(f"{self.label(node)} is not modelled")
+        if isinstance(spec, Grid):  # layout op or pointwise: identity maps
+            self.kind[node] = spec
+            self.back[node] = [(n, (IDENTITY, IDENTITY)) for n in grids]
+            return
+        maps, scale, pads, crops = spec
+        if pads and crop:
+            raise self.refuse(node, f"pads after the crop '{crop}': a tile would see padding "
+                              "where the whole image has data", "crop after the padded layers, "
+                              "or use unpadded layers after a crop")
+        self.kind[node] = Grid(tuple(f * s for f, s in zip(g.factor, scale, strict=True)), g.axes)
+        self.back[node] = [(n, maps) for n in grids]
+        if crops:
+            self.crop[node] = node.name
+
+    def _spatial(self, g: Grid, dims, ndim: int) -> bool:
+        if dims is None or dims == [] or dims == ():
+            return True
+        dims = [dims] if isinstance(dims, int) else dims
+        return bool({d % ndim for d in dims} & set(g.axes))
+
+    def _spec(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node):
+        """A :class:`Grid` (identity maps), ``(maps, scale, pads, crops)``, or None."""
+        nd = len(_shape(src))
+        if name in _REFUSE:
+            raise self.refuse(node, _REFUSE[name])
+        if "adaptive" in name:
+            raise self.refuse(node, _ADAPTIVE)
+        if name in _IDENT:
+            return g
+        if name in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"):
+            if a.get("train"):
+                raise self.refuse(node, "is random (dropout in training mode; call model.eval() "
+                                  "first)")
+            return g
+        if name in ("batch_norm", "native_batch_norm"):
+            if a.get("training"):
+                raise self.refuse(node, "uses batch statistics (training mode; call model.eval()"
+                                  " first)")
+            return g
+        if name == "layer_norm" or name == "native_layer_norm" or name == "rms_norm":
+            k = len(a["normalized_shape"])
+            if set(range(nd - k, nd)) & set(g.axes):
+                raise self.refuse(node, "normalises over the whole image")
+            return g
+        if name == "linear":
+            if nd - 1 in g.axes:
+                raise self.refuse(node, "mixes all positions (fully connected)")
+            return g
+        if name in ("matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "bilinear"):
+            others = [n for n in node.all_input_nodes if n is not src]
+            if (name == "matmul" and nd - 1 not in g.axes and nd - 2 not in g.axes
+                    and all(self.kind.get(n) == "const" for n in others)):
+                return g
+            raise self.refuse(node, "mixes all positions (matrix product over positions: "
+                              "attention or a fully connected layer)")
+        if torch.Tag.pointwise in node.target.tags:
+            return g
+        if name in ("softmax", "log_softmax", "softmin"):
+            if self._spatial(g, a.get("dim"), nd):
+                raise self.refuse(node, "normalises over the spatial dimensions")
+            return g
+        if name in ("conv2d", "convolution", "conv_transpose2d", "cudnn_convolution"):
+            return self._conv(node, name, a, g, nd)
+        if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
+            self._at_end(node, g, nd)
+            k = _two(a["kernel_size"])
+            s = _two(a["stride"]) if a.get("stride") else k
+            p, d = _two(a.get("padding", 0)), _two(a.get("dilation", 1))
+            if name == "max_pool2d_with_indices":
+                self.unpool[node] = (k, s, p, d)
+            maps = tuple(window(*v) for v in zip(k, s, p, d, strict=True))
+            return maps, tuple(Fraction(v) for v in s), any(p) or bool(a.get("ceil_mode")), False
+        if name == "max_unpool2d":
+            return self._unpool(node, a, g, src, nd)
+        if name in ("upsample_nearest2d", "upsample_nearest_exact2d", "upsample_bilinear2d"):
+            return self._resize(node, name, a, g, src, nd)
+        if name in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
+            return self._pad(node, name, a, g, nd)
+        if name in ("slice", "narrow", "select"):
+            return self._slice(node, name, a, g, src, nd)
+        if name == "pixel_unshuffle" or name == "pixel_shuffle":
+            self._at_end(node, g, nd)
+            r = int(a["downscale_factor" if name == "pixel_unshuffle" else "upscale_factor"])
+            if name == "pixel_unshuffle":
+                return (window(r, r, 0, 1),) * 2, (Fraction(r),) * 2, False, False
+            return (upsample(r, False),) * 2, (Fraction(1, r),) * 2, False, False
+        if name == "cat" or name == "concat":
+            dim = a.get("dim", 0) % nd
+            return None if dim in g.axes else g
+        if name in ("permute", "transpose", "t", "view", "reshape", "unsafe_view", "unsqueeze",
+                    "squeeze", "flatten", "unflatten", "expand_as", "split", "split_with_sizes",
+                    "chunk", "unbind", "repeat"):
+            return self._layout(node, name, a, g, src, nd)
+        if name == "flip":
+            if self._spatial(g, a.get("dims"), nd):
+                raise self.refuse(node, "mirrors the image (torch.flip)")
+            return g
+        if "dim" in a or name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var",
+                                  "prod", "norm", "logsumexp", "any", "all", "argmax", "argmin"):
+            if self._spatial(g, a.get("dim"), nd):
+                raise self.refuse(node, f"reduces over the spatial dimensions ({name})")
+            return self._after_removal(node, g, a.get("dim"), nd)
+        return None
+
+    def _at_end(self, node: fx.Node, g: Grid, nd: int) -> None:
+        if g.axes != (nd - 2, nd - 1):
+            raise Unsupported(f"{self.label(node)} acts on non-spatial dimensions")
+
+    def _conv(self, node: fx.Node, name: str, a: dict, g: Grid, nd: int):
+        self._at_end(node, g, nd)
+        if self.kind.get(a["weight"]) != "const":
+            raise Unsupported(f"{self.label(node)} has input-dependent weights")
+        k = _two(tuple(_shape(a["weight"]))[-2:])
+        s, d = _two(a.get("stride", 1)), _two(a.get("dilation", 1))
+        pad = a.get("padding", 0)
+        if isinstance(pad, str):
+            pad = (0, 0) if pad == "valid" else tuple(di * (ki - 1) // 2 for ki, di in zip(
+                k, d, strict=True))
+        p = _two(pad)
+        if any(isinstance(v, fx.Node) for v in (*k, *s, *p, *d)):
+            raise Unsupported(f"{self.label(node)} has input-dependent parameters")
+        if name == "conv_transpose2d" or a.get("transposed"):
+            maps = tuple(transposed(*v) for v in zip(k, s, p, d, strict=True))
+            return maps, tuple(Fraction(1, v) for v in s), False, False
+        maps = tuple(window(*v) for v in zip(k, s, p, d, strict=True))
+        return maps, tuple(Fraction(v) for v in s), any(p), False
+
+    def _unpool(self, node: fx.Node, a: dict, g: Grid, src: fx.Node, nd: int):
+        self._at_end(node, g, nd)
+        pool = a["indices"]
+        while pool.target is operator.getitem:
+            pool = pool.args[0]
+        if pool not in self.unpool or self.kind[src] != self.kind[a["indices"]]:
+            raise Unsupported(f"{self.label(node)}: indices not from a max pool")
+        k, s, p, d = self.unpool[pool]
+        size = a.get("output_size")
+        before = _shape(pool.args[0])[-2:]
+        if size and any(sympy.simplify(_expr(v) - _expr(w)) != 0
+                        for v, w in zip(size, before, strict=True)):
+            raise self.refuse(node, "unpools to a size that is not its pooling layer's input")
+        maps = tuple(transposed(*v) for v in zip(k, s, p, d, strict=True))
+        return maps, tuple(Fraction(1, v) for v in s), False, False
+
+    def _resize(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
+        self._at_end(node, g, nd)
+        if a.get("align_corners") and "bilinear" in name:
+            raise self.refuse(node, "uses align_corners=True (not translation-invariant)",
+                              "use align_corners=False")
+        size, scales = a.get("output_size"), a.get("scale_factors")
+        if scales is None and ("scales_h" in a):
+            scales = [a.get("scales_h"), a.get("scales_w")]
+            scales = None if None in scales else scales
+        if size:
+            ins = _shape(src)[-2:]
+            f = [sympy.simplify(_expr(o) / _expr(i)) for o, i in zip(size, ins, strict=True)]
+        else:
+            f = [sympy.sympify(v) for v in _two(scales)]
+        if not all(v.is_number and v == int(v) and v >= 1 for v in f):
+            raise self.refuse(node, "resizes to a size that is not an integer multiple of its "
+                              "input (size= fixed or computed from another tensor)",
+                              "use an integer scale_factor instead")
+        f = [int(v) for v in f]
+        bil = "bilinear" in name
+        return (tuple(upsample(v, bil) for v in f), tuple(Fraction(1, v) for v in f), bil, False)
+
+    def _pad(self, node: fx.Node, name: str, a: dict, g: Grid, nd: int):
+        self._at_end(node, g, nd)
+        pad = list(a.get("pad", a.get("padding")))
+        mode = {"reflection_pad2d": "reflect", "replication_pad2d": "replicate"}.get(
+            name, a.get("mode", "constant"))
+        if mode == "circular":
+            raise self.refuse(node, "wraps around the image (circular padding)")
+        pad = [_int(v) if isinstance(v, fx.Node) else v for v in pad]
+        if None in pad or len(pad) % 2:
+            raise Unsupported(f"{self.label(node)} pads by an input-dependent amount")
+        left, right, top, bottom = (pad + [0, 0, 0, 0])[:4]
+        if mode != "constant":
+            self.pads.append((node.args[0], (max(top, bottom, 0), max(left, right, 0))))
+        return ((shift(-top), shift(-left)), (Fraction(1), Fraction(1)),
+                max(left, right, top, bottom) > 0, min(left, right, top, bottom) < 0)
+
+    def _slice(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
+        dim = a.get("dim", 0) % nd
+        if dim not in g.axes:
+            return g if name != "select" else self._after_removal(node, g, dim, nd)
+        if name == "select":
+            raise self.refuse(node, "picks a single row or column of the image")
+        size = _shape(src)[dim]
+        start = a.get("start") or 0
+        if name == "narrow":
+            end, step = (start, a["length"]), 1
+        else:
+            end, step = a.get("end"), a.get("step", 1) or 1
+        start_i, step_i = _int(start), _int(step)
+        if start_i is None or step_i is None or step_i < 1:
+            raise self.refuse(node, "crops at a position computed from the input's size",
+                              "crop a constant number of rows off each side")
+        if start_i < 0:
+            raise self.refuse(node, "crops relative to the image end or to a fixed size",
+                              "crop a constant number of rows off each side")
+        out_len = _expr(_shape(node)[dim])
+        in_len = _expr(size)
+        if out_len.is_number and not in_len.is_number:
+            raise self.refuse(node, "crops to a fixed size (not translation-invariant)",
+                              "crop a constant number of rows off each side")
+        if not (end is None or (isinstance(end, int) and (end >= _INT_MAX or end < 0))):
+            lost = sympy.simplify(in_len - start_i - step_i * out_len)
+            if not (lost.is_number and 0 <= lost < step_i + 64) and not self._matches(
+                    node, out_len, g, g.axes.index(dim)):
+                raise self.refuse(node, "crops to a size computed from the input's shape (not "
+                                  "translation-invariant)", "crop a constant number of rows off "
+                                  "each side")
+        ax = g.axes.index(dim)
+        maps = [IDENTITY, IDENTITY]
+        maps[ax] = shift(start_i, step_i)
+        scale = [Fraction(1), Fraction(1)]
+        scale[ax] = Fraction(step_i)
+        return tuple(maps), tuple(scale), False, start_i > 0 or end is not None
+
+    def _matches(self, node: fx.Node, length, g: Grid, ax: int) -> bool:
+        """Whether ``length`` is the size, on axis ``ax``, of another tensor on the same grid
+        (a skip cropped to the size of the path it is concatenated with)."""
+        for other, kind in self.kind.items():
+            if other is not node and isinstance(kind, Grid) and kind.factor == g.factor:
+                shape = _shape(other)
+                if len(shape) > kind.axes[ax] and sympy.simplify(
+                        _expr(shape[kind.axes[ax]]) - length) == 0:
+                    return True
+        return False
+
+    def _after_removal(self, node: fx.Node, g: Grid, dims, nd: int) -> Grid:
+        out_nd = len(_shape(node))
+        if out_nd == nd:
+            return g
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        dims = [d % nd for d in dims]
+        return Grid(g.factor, tuple(p - sum(d < p for d in dims) for p in g.axes))
+
+    def _layout(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
+        ins, outs = _shape(src), _shape(node)
+        if name == "permute":
+            dims = [d % nd for d in a["dims"]]
+            return Grid(g.factor, (dims.index(g.axes[0]), dims.index(g.axes[1])))
+        if name in ("transpose", "t"):
+            d0, d1 = (a.get("dim0", 0) % nd, a.get("dim1", 1) % nd)
+            swap = {d0: d1, d1: d0}
+            return Grid(g.factor, tuple(swap.get(p, p) for p in g.axes))
+        if name in ("split", "split_with_sizes", "chunk", "unbind"):
+            if a.get("dim", 0) % nd in g.axes:
+                return None
+            return g if name != "unbind" else self._after_removal(node, g, a.get("dim", 0), nd)
+        if name == "repeat":
+            reps = list(a["repeats"])[-nd:]
+            return None if any(reps[p] != 1 for p in g.axes) else g
+        if name == "expand_as":
+            return g
+        # view / reshape / (un)squeeze / (un)flatten: the spatial axes must survive as they are
+        ay, ax = g.axes
+        if ax != ay + 1:
+            return None
+        for py in range(len(outs) - 1):
+            same = [sympy.simplify(_expr(outs[py + i]) - _expr(ins[ay + i])) == 0
+                    for i in (0, 1)]
+            if all(same) and sympy.simplify(math.prod(map(_expr, outs[:py] or [1])) -
+                                            math.prod(map(_expr, ins[:ay] or [1]))) == 0:
+                return Grid(g.factor, (py, py + 1))
+        raise self.refuse(node, "reshapes or flattens the spatial dimensions (mixes all "
+                          "positions)")
+
+    # -- results -----------------------------------------------------------------------------
+    def interval(self, axis: int, idx: np.ndarray, start: fx.Node | None = None):
+        """Input rows ``[lo, hi]`` (inclusive; hull over all paths) that ``idx`` of the output
+        (or of node ``start``) read."""
+        first = self.output if start is None else start
+        need = {first: (idx.copy(), idx.copy())}
+        for node in reversed(self.graph.nodes):
+            if node not in need or node is self.input:
+                continue
+            lo, hi = need.pop(node)
+            for src, maps in self.back.get(node, ()):
+                l2, h2 = maps[axis](lo, hi)
+                empty = (lo > hi) | (l2 > h2)
+                l2, h2 = np.where(empty, BIG, l2), np.where(empty, -BIG, h2)
+                if src in need:
+                    l2, h2 = np.minimum(need[src][0], l2), np.maximum(need[src][1], h2)
+                need[src] = (l2, h2)
+        if self.input not in need:
+            if start is not None:
+                return np.full_like(idx, BIG), np.full_like(idx, -BIG)
+            raise ValueError("the model's output does not depend on its input")
+        return need[self.input]
+
+    def grid(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Output stride and alignment (lcm of every tensor's downsampling numerators)."""
+        for s in self.kind[self.output].factor:
+            if s.denominator != 1 or s < 1:
+                raise ValueError(f"the output stride is {s} input pixels per output pixel; it "
+                                 "must be an integer >= 1")
+        factors = [k.factor for k in self.kind.values() if isinstance(k, Grid)]
+        return (tuple(int(s) for s in self.kind[self.output].factor),
+                tuple(math.lcm(*(f[ax].numerator for f in factors)) for ax in (0, 1)))
+
+    def border(self, align: tuple[int, int]) -> tuple[int, int]:
+        """Rows from a true border that reflect/replicate pads read, plus one alignment."""
+        reach = [0, 0]
+        for node, amounts in self.pads:
+            for ax in (0, 1):
+                _, hi = self.interval(ax, np.array([amounts[ax]]), node)
+                if hi[0] > -BIG:
+                    reach[ax] = max(reach[ax], int(hi[0]) + 1 + align[ax])
+        return tuple(reach)
+
+    def min_input(self) -> tuple[int, int]:
+        """The program's smallest accepted height and width (its dynamic-shape ranges)."""
+        out = []
+        for size in _shape(self.input)[2:]:
+            lo = 1
+            if isinstance(size, torch.SymInt):
+                expr = _expr(size)
+                subs = {}
+                for sym in expr.free_symbols:
+                    vr = self.program.range_constraints.get(sym)
+                    subs[sym] = int(vr.lower) if vr is not None and vr.lower.is_finite else 1
+                lo = max(1, int(expr.subs(subs)))
+            out.append(lo)
+        return tuple(out)
+
+    def geometry(self) -> Geometry:
+        stride, align = self.grid()
+        covers = []
+        for ax in (0, 1):
+            period = align[ax] // stride[ax]
+            idx = period * 10**6 + np.arange(2 * period, dtype=np.int64)
+            covers.append(cover(idx, *self.interval(ax, idx), period))
+        return to_geometry(covers, align, min_input=self.min_input(), border=self.border(align))
