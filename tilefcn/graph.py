@@ -114,7 +114,7 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
 
         masked = tiles_without_foreground(plan, foreground_mask(scan, mask))
     ref = make_ref(model, device, torch_threads)
-    token = dask.base.tokenize(scan.array.name, model.sha256, model.spec, plan, ref.device,
+    token = dask.base.tokenize(scan.array.name, ref.token, plan, ref.device,
                                sub_tile, sorted(masked))
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]

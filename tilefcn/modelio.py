@@ -109,11 +109,34 @@ def _class_source(cls: type) -> str:
         return cls.__qualname__
 
 
+def _callable_id(fn, depth: int = 0) -> str:
+    """What a function computes, as text: its qualified name, bytecode and constants, and
+    (recursively, a few levels) what its closure cells and ``functools.partial`` bind."""
+    if isinstance(fn, functools.partial):
+        return f"partial({_callable_id(fn.func, depth + 1)},{fn.args!r},{sorted(fn.keywords)!r})"
+    fn = getattr(fn, "__func__", fn)
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    code = getattr(fn, "__code__", None)
+    if code is None or depth > 3:
+        return name
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        cells.append(_callable_id(v, depth + 1) if callable(v) and not isinstance(v, nn.Module)
+                     else repr(v)[:200] if isinstance(v, (int, float, str, bool, tuple)) else
+                     type(v).__qualname__)
+    return f"{name}|{code.co_code.hex()}|{code.co_consts!r}|{cells}"
+
+
 def module_fingerprint(module: nn.Module) -> str:
     """sha256 of what ``module`` computes: per submodule its class (qualified name and source
-    code, or the generated code of a graph / TorchScript module), its plain attributes
-    (numbers, strings, tuples: kernel sizes, flags, a scale used in forward) and mode, and
-    every parameter and buffer (persistent or not)."""
+    code, or the generated code of a graph / TorchScript module), what the closures of its
+    ``forward`` bind (an activation picked at construction), its plain attributes (numbers,
+    strings, tuples: kernel sizes, flags, a scale used in forward; functions stored on it)
+    and mode, and every parameter and buffer (persistent or not)."""
     digest = hashlib.sha256()
     for name, m in module.named_modules(remove_duplicate=False):
         cls = type(m)
@@ -123,6 +146,10 @@ def module_fingerprint(module: nn.Module) -> str:
         digest.update((code if isinstance(code, str) else _class_source(cls)).encode())
         plain = {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(
             v, (int, float, str, bool, tuple, type(None)))}
+        plain.update({k: _callable_id(v) for k, v in vars(m).items() if not k.startswith("_")
+                      and callable(v) and not isinstance(v, (nn.Module, type))})
+        if code is None and (forward := getattr(cls, "forward", None)) is not None:
+            plain["<forward>"] = _callable_id(forward)
         digest.update(repr(sorted(plain.items())).encode())
     for name, t in [*module.named_parameters(remove_duplicate=False),
                     *module.named_buffers(remove_duplicate=False)]:
@@ -286,7 +313,7 @@ def save_exported(path: str | Path, model: Model, example_size: int | None = Non
     g = model.geometry
     size = example_size or accepted_size(model.module, model.in_channels,
                                          max(64, *g.receptive_field, *g.min_input))[0]
-    program = export_program(as_eval(model.module), model.in_channels, size)
+    program = export_program(as_eval(model.module), model.in_channels, size, oblivious=True)
     meta = {"classes": list(model.classes), "in_channels": model.in_channels,
             "scaling": model.scaling.to_dict(), "name": model.name,
             "geometry": model.geometry.to_dict()}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._sympy.numbers import int_oo
 
 from tilefcn.geometry import Geometry
 from tilefcn.measure.aten import FCN_HINT, Analysis, Unsupported
@@ -54,6 +55,37 @@ def refuse_training_mode(model: nn.Module) -> None:
                              "training mode: call model.eval() first")
 
 
+def _data_dependent(exc: Exception) -> str:
+    """A one-line refusal for a model whose control flow depends on the image's values."""
+    lines = [v.strip() for v in str(exc).splitlines()]
+    where = next((f" ({lines[i + 1]!r} in {v.rsplit(' in ', 1)[-1]}, line "
+                  f"{v.split(', line ')[1].split(',')[0]})" for i, v in enumerate(lines[:-1])
+                  if v.startswith("File ") and ", line " in v and " in " in v), "")
+    return (f"the model's control flow depends on the image's values (a data-dependent "
+            f"branch{where}): tiles would take different branches than the whole image; "
+            "remove the branch or compute it per pixel")
+
+
+def refuse_size_guards(program: torch.export.ExportedProgram) -> None:
+    """Raise ``ValueError`` where exporting with free height and width found the model
+    branching on its input's size (an upper bound on a size: tiles and the whole image would
+    run different code)."""
+    names = {}
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() == 4:
+            for axis, size in zip(("height", "width"), val.shape[2:], strict=True):
+                if isinstance(size, torch.SymInt):
+                    names.update({str(v): axis for v in size.node.expr.free_symbols})
+    for sym, vr in program.range_constraints.items():
+        if vr.upper is not int_oo and vr.upper.is_finite:
+            raise ValueError(f"the model branches on its input's size (torch.export found it "
+                             f"only valid for {names.get(str(sym), 'a size')} {sym} <= "
+                             f"{vr.upper}): tiles and the whole "
+                             "image would take different branches; remove the size-dependent "
+                             "branch")
+
+
 def measure(model: nn.Module | torch.export.ExportedProgram, in_channels: int = 3, *,
             verify: bool = True, runtime: nn.Module | None = None) -> Measurement:
     """Geometry of ``model`` (see the module doc); ``runtime`` is the module that will run
@@ -73,8 +105,12 @@ def measure(model: nn.Module | torch.export.ExportedProgram, in_channels: int = 
             try:
                 program = export_program(model, in_channels, example)
             except Exception as exc:  # noqa: BLE001 - any export failure: probe instead
+                if "data-dependent" in str(exc):
+                    raise ValueError(_data_dependent(exc)) from None
                 why = f"torch.export cannot capture it ({type(exc).__name__}: " \
                       f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            else:
+                refuse_size_guards(program)
     geo = None
     if program is not None:
         try:

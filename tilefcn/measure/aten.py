@@ -31,6 +31,7 @@ from tilefcn.measure.intervals import (
     BIG,
     IDENTITY,
     cover,
+    resize,
     shift,
     to_geometry,
     transposed,
@@ -60,14 +61,13 @@ _IDENT = {"clone", "alias", "detach", "contiguous", "_to_copy", "to", "type_as",
           "_native_batch_norm_legit_no_training", "channel_shuffle", "native_channel_shuffle",
           "hardtanh", "prelu", "_prelu_kernel", "log_sigmoid_forward", "threshold"}
 _REFUSE = {
-    "roll": "wraps around the image (torch.roll)",
     "rot90": "rotates the image",
     "grid_sampler_2d": "samples at computed coordinates", "grid_sampler": "samples at computed "
     "coordinates", "affine_grid_generator": "samples at computed coordinates",
     "scaled_dot_product_attention": "mixes all positions (attention)",
     "_native_multi_head_attention": "mixes all positions (attention)",
     "group_norm": "normalises over the whole image", "native_group_norm": "normalises over the "
-    "whole image", "instance_norm": "normalises over the whole image",
+    "whole image",
     "_native_batch_norm_legit": "uses batch statistics (training mode; call model.eval() first)",
     "bernoulli": "is random", "rand_like": "is random", "randn_like": "is random",
     "normal": "is random", "native_dropout": "is random (dropout in training mode)",
@@ -111,6 +111,27 @@ def _two(v, n: int = 2) -> tuple:
     return (v,) * n
 
 
+def _flat(args) -> list:
+    out = []
+    for a in args:
+        out.extend(_flat(a) if isinstance(a, (tuple, list)) else [a])
+    return out
+
+
+def _periodic(exprs, base: int = 1024, span: int = 128):
+    """``(P, values...)``: sympy expressions of the size symbols sampled at ``span`` sizes
+    from ``base``; ``P`` is the least period (<= 64) they all repeat with, or None."""
+    symbols = set().union(*(e.free_symbols for e in exprs))
+    if not symbols:
+        return (1, *([int(e)] for e in exprs))
+    samples = [[int(sympy.floor(e.subs(dict.fromkeys(symbols, v)))) for v in
+                range(base, base + span)] for e in exprs]
+    for period in range(1, 65):
+        if all(vals[i] == vals[i + period] for vals in samples for i in range(span - period)):
+            return (period, *samples)
+    return (None, *samples)
+
+
 def _shape(node: fx.Node) -> tuple:
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
@@ -129,13 +150,14 @@ class Analysis:
         self.back: dict[fx.Node, list[tuple[fx.Node, tuple]]] = {}
         self.pads: list[tuple[fx.Node, tuple[int, int]]] = []  # reflect/replicate: rows read
         self.unpool: dict[fx.Node, tuple] = {}
-        self.crop: dict[fx.Node, str] = {}
+        self.periods: list[tuple[int, Fraction]] = []  # (axis, input px) crops repeat with
         self.input = self.output = None
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 if node.name in users and self.input is None and len(_shape(node)) == 4:
                     self.input = node
                     self.kind[node] = Grid((Fraction(1), Fraction(1)), (2, 3))
+                    self._require_dynamic(node)
                 else:
                     self.kind[node] = "const"
             elif node.op == "output":
@@ -152,6 +174,19 @@ class Analysis:
                 self.kind[node] = "const"
         if self.input is None:
             raise ValueError("the model takes no (N, C, H, W) image tensor")
+
+    def _require_dynamic(self, node: fx.Node) -> None:
+        """A program whose height or width torch.export fixed holds the size as constants: its
+        shape arithmetic cannot be read (the probe measures it instead)."""
+        static = [int(e) for e in map(_expr, _shape(node)[2:]) if e.is_number]
+        if not static:
+            return
+        culprit = next((n for n in self.graph.nodes if n.op == "call_function" and any(
+            isinstance(v, int) and not isinstance(v, bool) and v in static
+            for v in _flat(n.args)) and not str(n.target).startswith("aten.conv")), None)
+        where = f" ({self.label(culprit)} uses it)" if culprit is not None else ""
+        raise Unsupported(f"torch.export fixed the input size at {'x'.join(map(str, static))}"
+                          f"{where}: the model computes with its input's size")
 
     # -- labels and refusals -----------------------------------------------------------------
     def label(self, node: fx.Node) -> str:
@@ -175,8 +210,6 @@ class Analysis:
             if node.target is operator.getitem and grids:
                 self.kind[node] = self.kind[grids[0]]
                 self.back[node] = [(grids[0], (IDENTITY, IDENTITY))]
-                if grids[0] in self.crop:
-                    self.crop[node] = self.crop[grids[0]]
                 return
             if grids:
                 raise Unsupported(f"{self.label(node)} is not modelled")
@@ -197,8 +230,6 @@ class Analysis:
             raise self.refuse(node, "mixes in a tensor computed from the input's size "
                               "(positional, not translation-invariant)",
                               "remove coordinate/positional inputs")
-        if crop := next((self.crop[n] for n in grids if n in self.crop), None):
-            self.crop[node] = crop
         if len({self.kind[n] for n in grids}) > 1 and name not in ("max_unpool2d",):
             raise Unsupported(f"{self.label(node)} mixes tensors of different grids")
         src = grids[0]
@@ -210,15 +241,9 @@ class Analysis:
             self.kind[node] = spec
             self.back[node] = [(n, (IDENTITY, IDENTITY)) for n in grids]
             return
-        maps, scale, pads, crops = spec
-        if pads and crop:
-            raise self.refuse(node, f"pads after the crop '{crop}': a tile would see padding "
-                              "where the whole image has data", "crop after the padded layers, "
-                              "or use unpadded layers after a crop")
+        maps, scale = spec
         self.kind[node] = Grid(tuple(f * s for f, s in zip(g.factor, scale, strict=True)), g.axes)
         self.back[node] = [(n, maps) for n in grids]
-        if crops:
-            self.crop[node] = node.name
 
     def _spatial(self, g: Grid, dims, ndim: int) -> bool:
         if dims is None or dims == [] or dims == ():
@@ -231,6 +256,14 @@ class Analysis:
         nd = len(_shape(src))
         if name in _REFUSE:
             raise self.refuse(node, _REFUSE[name])
+        if name == "roll":
+            if self._spatial(g, a.get("dims"), nd):
+                raise self.refuse(node, "wraps around the image (torch.roll)")
+            return g
+        if name == "instance_norm":
+            if a.get("use_input_stats", True):
+                raise self.refuse(node, "normalises over the whole image")
+            return g
         if "adaptive" in name:
             raise self.refuse(node, _ADAPTIVE)
         if name in _IDENT:
@@ -256,12 +289,18 @@ class Analysis:
             return g
         if name in ("matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "bilinear"):
             others = [n for n in node.all_input_nodes if n is not src]
-            if (name == "matmul" and nd - 1 not in g.axes and nd - 2 not in g.axes
-                    and all(self.kind.get(n) == "const" for n in others)):
-                return g
+            if all(self.kind.get(n) == "const" for n in others):
+                if name == "einsum" and (out := self._einsum(node, a, g, src)) is not None:
+                    return out
+                if name == "matmul" and nd - 1 not in g.axes and (
+                        src is a["self"] and len(_shape(a["other"])) >= 2):
+                    return g  # rows of the image tensor times a constant matrix
             raise self.refuse(node, "mixes all positions (matrix product over positions: "
                               "attention or a fully connected layer)")
         if torch.Tag.pointwise in node.target.tags:
+            if any(self.kind.get(n) == "shape" for n in node.all_input_nodes):
+                raise self.refuse(node, "uses the input's size as a value (sym_size: not "
+                                  "translation-invariant)", "do not compute with x.shape")
             return g
         if name in ("softmax", "log_softmax", "softmin"):
             if self._spatial(g, a.get("dim"), nd):
@@ -277,10 +316,11 @@ class Analysis:
             if name == "max_pool2d_with_indices":
                 self.unpool[node] = (k, s, p, d)
             maps = tuple(window(*v) for v in zip(k, s, p, d, strict=True))
-            return maps, tuple(Fraction(v) for v in s), any(p) or bool(a.get("ceil_mode")), False
+            return maps, tuple(Fraction(v) for v in s)
         if name == "max_unpool2d":
             return self._unpool(node, a, g, src, nd)
-        if name in ("upsample_nearest2d", "upsample_nearest_exact2d", "upsample_bilinear2d"):
+        if name in ("upsample_nearest2d", "upsample_nearest_exact2d", "upsample_bilinear2d",
+                    "upsample_bicubic2d"):
             return self._resize(node, name, a, g, src, nd)
         if name in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
             return self._pad(node, name, a, g, nd)
@@ -290,8 +330,8 @@ class Analysis:
             self._at_end(node, g, nd)
             r = int(a["downscale_factor" if name == "pixel_unshuffle" else "upscale_factor"])
             if name == "pixel_unshuffle":
-                return (window(r, r, 0, 1),) * 2, (Fraction(r),) * 2, False, False
-            return (upsample(r, False),) * 2, (Fraction(1, r),) * 2, False, False
+                return (window(r, r, 0, 1),) * 2, (Fraction(r),) * 2
+            return (upsample(r, False),) * 2, (Fraction(1, r),) * 2
         if name == "cat" or name == "concat":
             dim = a.get("dim", 0) % nd
             return None if dim in g.axes else g
@@ -300,8 +340,8 @@ class Analysis:
                     "chunk", "unbind", "repeat"):
             return self._layout(node, name, a, g, src, nd)
         if name == "flip":
-            if self._spatial(g, a.get("dims"), nd):
-                raise self.refuse(node, "mirrors the image (torch.flip)")
+            if self._spatial(g, a.get("dims"), nd):  # flip-conv-flip is equivariant: probe it
+                raise Unsupported(f"{self.label(node)} mirrors the image (torch.flip)")
             return g
         if "dim" in a or name in ("mean", "sum", "amax", "amin", "max", "min", "std", "var",
                                   "prod", "norm", "logsumexp", "any", "all", "argmax", "argmin"):
@@ -309,6 +349,22 @@ class Analysis:
                 raise self.refuse(node, f"reduces over the spatial dimensions ({name})")
             return self._after_removal(node, g, a.get("dim"), nd)
         return None
+
+    def _einsum(self, node: fx.Node, a: dict, g: Grid, src: fx.Node) -> Grid | None:
+        """An einsum that keeps the image tensor's two spatial letters (in order) and
+        contracts or multiplies only its other letters with constant tensors."""
+        lhs, _, out = a["equation"].replace(" ", "").partition("->")
+        terms = lhs.split(",")
+        tensors = list(a["tensors"])
+        if not out or "." in lhs or len(terms) != len(tensors):
+            return None
+        mine = terms[tensors.index(src)]
+        ys, xs = mine[g.axes[0]], mine[g.axes[1]]
+        others = "".join(t for t, n in zip(terms, tensors, strict=True) if n is not src)
+        if ys in others or xs in others or ys not in out or xs not in out or \
+                out.index(ys) > out.index(xs):
+            return None
+        return Grid(g.factor, (out.index(ys), out.index(xs)))
 
     def _at_end(self, node: fx.Node, g: Grid, nd: int) -> None:
         if g.axes != (nd - 2, nd - 1):
@@ -329,9 +385,9 @@ class Analysis:
             raise Unsupported(f"{self.label(node)} has input-dependent parameters")
         if name == "conv_transpose2d" or a.get("transposed"):
             maps = tuple(transposed(*v) for v in zip(k, s, p, d, strict=True))
-            return maps, tuple(Fraction(1, v) for v in s), False, False
+            return maps, tuple(Fraction(1, v) for v in s)
         maps = tuple(window(*v) for v in zip(k, s, p, d, strict=True))
-        return maps, tuple(Fraction(v) for v in s), any(p), False
+        return maps, tuple(Fraction(v) for v in s)
 
     def _unpool(self, node: fx.Node, a: dict, g: Grid, src: fx.Node, nd: int):
         self._at_end(node, g, nd)
@@ -347,7 +403,7 @@ class Analysis:
                         for v, w in zip(size, before, strict=True)):
             raise self.refuse(node, "unpools to a size that is not its pooling layer's input")
         maps = tuple(transposed(*v) for v in zip(k, s, p, d, strict=True))
-        return maps, tuple(Fraction(1, v) for v in s), False, False
+        return maps, tuple(Fraction(1, v) for v in s)
 
     def _resize(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
         self._at_end(node, g, nd)
@@ -360,16 +416,18 @@ class Analysis:
             scales = None if None in scales else scales
         if size:
             ins = _shape(src)[-2:]
-            f = [sympy.simplify(_expr(o) / _expr(i)) for o, i in zip(size, ins, strict=True)]
+            f = [sympy.nsimplify(sympy.simplify(_expr(o) / _expr(i)))
+                 for o, i in zip(size, ins, strict=True)]
         else:
-            f = [sympy.sympify(v) for v in _two(scales)]
-        if not all(v.is_number and v == int(v) and v >= 1 for v in f):
-            raise self.refuse(node, "resizes to a size that is not an integer multiple of its "
-                              "input (size= fixed or computed from another tensor)",
-                              "use an integer scale_factor instead")
-        f = [int(v) for v in f]
-        bil = "bilinear" in name
-        return (tuple(upsample(v, bil) for v in f), tuple(Fraction(1, v) for v in f), bil, False)
+            f = [sympy.nsimplify(v) for v in _two(scales)]
+        f = [Fraction(int(v.p), int(v.q)) if v.is_Rational and v > 0 else None for v in f]
+        if None in f or any(v.numerator != 1 and v.denominator != 1 for v in f) or (
+                "bicubic" in name and any(v < 1 for v in f)):
+            raise self.refuse(node, "resizes to a size that is not an integer multiple or "
+                              "fraction of its input (size= fixed or computed from another "
+                              "tensor)", "use an integer scale_factor instead")
+        mode = next(m for m in ("nearest_exact", "bilinear", "bicubic", "nearest") if m in name)
+        return tuple(resize(v, mode) for v in f), tuple(1 / v for v in f)
 
     def _pad(self, node: fx.Node, name: str, a: dict, g: Grid, nd: int):
         self._at_end(node, g, nd)
@@ -384,57 +442,50 @@ class Analysis:
         left, right, top, bottom = (pad + [0, 0, 0, 0])[:4]
         if mode != "constant":
             self.pads.append((node.args[0], (max(top, bottom, 0), max(left, right, 0))))
-        return ((shift(-top), shift(-left)), (Fraction(1), Fraction(1)),
-                max(left, right, top, bottom) > 0, min(left, right, top, bottom) < 0)
+        # a negative pad crops: like a valid window over what it cuts (see _slice)
+        return (tuple(shift(-t) if t >= 0 and b >= 0 else window(1 + max(0, -t) + max(0, -b),
+                                                                     1, max(0, t), 1)
+                      for t, b in ((top, bottom), (left, right))), (Fraction(1), Fraction(1)))
 
     def _slice(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
+        """A crop ``x[a : n-b : c]``: back-map ``[c*lo, c*hi + a + b]`` (see intervals).
+
+        ``a`` and the rows ``b`` cut at the end may follow the input's size only periodically
+        (a crop to a multiple, or to the size of a skip): they are read off at many sizes,
+        must repeat with a period ``P``, and the alignment becomes a multiple of ``P`` so that
+        every tile's window crops like the whole image.
+        """
         dim = a.get("dim", 0) % nd
         if dim not in g.axes:
             return g if name != "select" else self._after_removal(node, g, dim, nd)
         if name == "select":
             raise self.refuse(node, "picks a single row or column of the image")
-        size = _shape(src)[dim]
-        start = a.get("start") or 0
-        if name == "narrow":
-            end, step = (start, a["length"]), 1
-        else:
-            end, step = a.get("end"), a.get("step", 1) or 1
-        start_i, step_i = _int(start), _int(step)
-        if start_i is None or step_i is None or step_i < 1:
-            raise self.refuse(node, "crops at a position computed from the input's size",
+        step = 1 if name == "narrow" else (a.get("step", 1) or 1)
+        if not isinstance(step, int) or step < 1:
+            raise self.refuse(node, "crops with a step computed from the input's size",
                               "crop a constant number of rows off each side")
-        if start_i < 0:
-            raise self.refuse(node, "crops relative to the image end or to a fixed size",
-                              "crop a constant number of rows off each side")
-        out_len = _expr(_shape(node)[dim])
-        in_len = _expr(size)
+        in_len, out_len = _expr(_shape(src)[dim]), _expr(_shape(node)[dim])
+        if any(str(v).startswith("u") for v in (in_len + out_len).free_symbols):
+            raise Unsupported(f"{self.label(node)} crops to a size torch.export left opaque")
         if out_len.is_number and not in_len.is_number:
             raise self.refuse(node, "crops to a fixed size (not translation-invariant)",
                               "crop a constant number of rows off each side")
-        if not (end is None or (isinstance(end, int) and (end >= _INT_MAX or end < 0))):
-            lost = sympy.simplify(in_len - start_i - step_i * out_len)
-            if not (lost.is_number and 0 <= lost < step_i + 64) and not self._matches(
-                    node, out_len, g, g.axes.index(dim)):
-                raise self.refuse(node, "crops to a size computed from the input's shape (not "
-                                  "translation-invariant)", "crop a constant number of rows off "
-                                  "each side")
+        start = _expr(a.get("start") or 0)
+        if start.is_number and int(start) < 0:
+            start = in_len + start
+        cut = in_len - 1 - step * (out_len - 1)  # a + b: rows before the first, after the last
+        period, starts, cuts = _periodic((start, cut))
+        if period is None or min(starts) < 0 or min(cuts) < 0:
+            raise self.refuse(node, "crops to a size or at a position computed from the "
+                              "input's shape (not translation-invariant)", "crop a constant "
+                              "number of rows off each side")
         ax = g.axes.index(dim)
-        maps = [IDENTITY, IDENTITY]
-        maps[ax] = shift(start_i, step_i)
-        scale = [Fraction(1), Fraction(1)]
-        scale[ax] = Fraction(step_i)
-        return tuple(maps), tuple(scale), False, start_i > 0 or end is not None
-
-    def _matches(self, node: fx.Node, length, g: Grid, ax: int) -> bool:
-        """Whether ``length`` is the size, on axis ``ax``, of another tensor on the same grid
-        (a skip cropped to the size of the path it is concatenated with)."""
-        for other, kind in self.kind.items():
-            if other is not node and isinstance(kind, Grid) and kind.factor == g.factor:
-                shape = _shape(other)
-                if len(shape) > kind.axes[ax] and sympy.simplify(
-                        _expr(shape[kind.axes[ax]]) - length) == 0:
-                    return True
-        return False
+        if period > 1:
+            self.periods.append((ax, g.factor[ax] * period))
+        maps, scale = [IDENTITY, IDENTITY], [Fraction(1), Fraction(1)]
+        maps[ax] = window(max(cuts) + 1, step, 0, 1)
+        scale[ax] = Fraction(step)
+        return tuple(maps), tuple(scale)
 
     def _after_removal(self, node: fx.Node, g: Grid, dims, nd: int) -> Grid:
         out_nd = len(_shape(node))
@@ -446,13 +497,17 @@ class Analysis:
 
     def _layout(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
         ins, outs = _shape(src), _shape(node)
-        if name == "permute":
-            dims = [d % nd for d in a["dims"]]
-            return Grid(g.factor, (dims.index(g.axes[0]), dims.index(g.axes[1])))
-        if name in ("transpose", "t"):
-            d0, d1 = (a.get("dim0", 0) % nd, a.get("dim1", 1) % nd)
-            swap = {d0: d1, d1: d0}
-            return Grid(g.factor, tuple(swap.get(p, p) for p in g.axes))
+        if name in ("permute", "transpose", "t"):
+            if name == "permute":
+                dims = [d % nd for d in a["dims"]]
+                axes = (dims.index(g.axes[0]), dims.index(g.axes[1]))
+            else:
+                d0, d1 = (a.get("dim0", 0) % nd, a.get("dim1", 1) % nd)
+                swap = {d0: d1, d1: d0}
+                axes = tuple(swap.get(p, p) for p in g.axes)
+            if axes[0] > axes[1]:  # rows become columns: probe (and verify) instead
+                raise Unsupported(f"{self.label(node)} swaps the image's rows and columns")
+            return Grid(g.factor, axes)
         if name in ("split", "split_with_sizes", "chunk", "unbind"):
             if a.get("dim", 0) % nd in g.axes:
                 return None
@@ -506,7 +561,9 @@ class Analysis:
                                  "must be an integer >= 1")
         factors = [k.factor for k in self.kind.values() if isinstance(k, Grid)]
         return (tuple(int(s) for s in self.kind[self.output].factor),
-                tuple(math.lcm(*(f[ax].numerator for f in factors)) for ax in (0, 1)))
+                tuple(math.lcm(*(f[ax].numerator for f in factors),
+                               *(p.numerator for a, p in self.periods if a == ax))
+                      for ax in (0, 1)))
 
     def border(self, align: tuple[int, int]) -> tuple[int, int]:
         """Rows from a true border that reflect/replicate pads read, plus one alignment."""

@@ -5,10 +5,13 @@ one interval per queried output) to the interval of its input that they read, th
 as infinite. An empty interval is ``[BIG, -BIG]``.
 
 * conv / pool (kernel k, stride s, padding p, dilation d): ``[s*lo - p, s*hi - p + d*(k-1)]``
-* transposed conv / unpooling: every ``i`` with ``s*i - p + t*d`` in ``[lo, hi]`` for a tap ``t < k``
-* nearest ×f: ``[lo//f, hi//f]``; bilinear ×f, ``align_corners=False``:
-  ``[floor((lo+.5)/f - .5), ceil((hi+.5)/f - .5)]``
-* crop ``x[a::c]``: ``[a + c*lo, a + c*hi]``; padding t in front: ``[lo - t, hi - t]``
+* transposed conv / unpooling: each ``i`` with ``s*i - p + t*d`` in ``[lo, hi]``, a tap ``t < k``
+* resize ×f, ``align_corners=False`` (source ``(i + .5)/f - .5``): nearest ``[lo//f, hi//f]``,
+  bilinear ``[floor(src(lo)), ceil(src(hi))]``, bicubic one more tap each side; ÷m
+  (``f = 1/m``, any mode): ``[m*lo, m*hi + m-1]`` (it keeps ``floor(n/m)`` outputs)
+* crop ``x[a:n-b:c]``: the valid window ``[c*lo, c*hi + a + b]`` (a tile's crop of its own
+  window keeps output ``i`` only if the rows a whole-image crop cuts lie inside the window);
+  padding t in front: ``[lo - t, hi - t]``
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ def upsample(f: int, bilinear: bool) -> Map:
     if bilinear:
         return lambda lo, hi: ((2 * lo + 1 - f) // (2 * f), -((f - 1 - 2 * hi) // (2 * f)))
     return lambda lo, hi: (lo // f, hi // f)
+
+
+def resize(f: Fraction, mode: str) -> Map:
+    """Back-map of an ``align_corners=False`` resize by ``f`` (an integer or ``1/m``)."""
+    if f.denominator == 1:
+        f = int(f)
+        if mode == "bilinear":
+            return upsample(f, True)
+        if mode == "bicubic":
+            return lambda lo, hi: ((2 * lo + 1 - f) // (2 * f) - 1,
+                                   (2 * hi + 1 - f) // (2 * f) + 2)
+        return upsample(f, False)
+    m = f.denominator  # ÷m keeps floor(n/m) outputs: output i exists once m*i + m-1 does
+    return window(m, m, 0, 1)
 
 
 def transposed(k: int, s: int, p: int, d: int) -> Map:

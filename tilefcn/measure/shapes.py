@@ -67,11 +67,13 @@ def _first_consumer(meta: nn.Module) -> int | None:
                 with torch.inference_mode():
                     meta(torch.empty(1, 1, size, size, device="meta"))
             except _Found as hit:
-                c = hit.wanted // hit.seen
-                if hit.wanted % hit.seen == 0:
-                    for h in hooks:
-                        h.remove()
-                    hooks = []
+                for h in hooks:
+                    h.remove()
+                hooks = []
+                # the layer's own channel count first (a 1-channel probe may broadcast against
+                # a per-channel buffer), then scaled back (a space-to-depth stem in front)
+                scaled = [hit.wanted // hit.seen] if hit.wanted % hit.seen == 0 else []
+                for c in dict.fromkeys([hit.wanted, *scaled]):
                     if any(try_shape(meta, c, (n, n)) is not None for n in _SIZES[:3]):
                         return c
                 return None
@@ -89,10 +91,12 @@ def in_channels_of(module: nn.Module, guess: int | None = None) -> int:
     meta = on_meta(module)
     if meta is not None and (found := _first_consumer(meta)) is not None:
         return found
-    fn, is_meta = (meta, True) if meta is not None else (module, False)
-    for c in dict.fromkeys(([guess] if guess else []) + list(_CHANNELS)):
-        if any(try_shape(fn, c, (s, s), is_meta) is not None for s in _SIZES[:3]):
-            return c
+    tries = [(meta, True)] if meta is not None else []
+    for fn, is_meta in [*tries, (module, False)]:  # real forwards: data-dependent code
+        sizes = _SIZES[:3] if is_meta else _SIZES[:1]
+        for c in dict.fromkeys(([guess] if guess else []) + list(_CHANNELS)):
+            if any(try_shape(fn, c, (s, s), is_meta) is not None for s in sizes):
+                return c
     raise ValueError("cannot tell how many input channels the model takes (none of 1-16 "
                      "runs): pass in_channels")
 
@@ -101,25 +105,36 @@ def accepted_size(module: nn.Module, c: int, at_least: int = 64,
                   period: int = 64) -> tuple[int, tuple]:
     """The smallest side ``n >= at_least`` the network accepts, and its output shape."""
     meta = on_meta(module)
-    fn, is_meta = (meta, True) if meta is not None else (module, False)
-    some = None
-    for base in (at_least, *[s for s in _SIZES if s > at_least]):
-        for n in range(base, base + period):
-            shape = try_shape(fn, c, (n, n), is_meta)
-            if shape is not None and len(shape) == 4 and min(shape[2:]) >= 2:
-                return n, shape
-            some = some or (shape is not None and len(shape) == 4 and (n, shape))
-        if some:  # accepted, but 1 output only (a global pool): the analysis names the layer
-            return some
+    tries = [(meta, True, period)] if meta is not None else []
+    for fn, is_meta, span in [*tries, (module, False, period if meta is None else 4)]:
+        some = None
+        for base in (at_least, *[s for s in _SIZES if s > at_least]):
+            for n in range(base, base + span):
+                shape = try_shape(fn, c, (n, n), is_meta)
+                if shape is not None and len(shape) == 4 and min(shape[2:]) >= 2:
+                    return n, shape
+                some = some or (shape is not None and len(shape) == 4 and (n, shape))
+            if some:  # accepted, but 1 output only (a global pool): the analysis names it
+                return some
+            if not is_meta and meta is not None:  # the fallback: one base size only
+                break
     raise ValueError("the model accepts no square input of 64-1100 px that gives (N, C, H, W) "
                      "outputs of at least 2x2")
 
 
-def export_program(module: nn.Module, c: int, size: int) -> torch.export.ExportedProgram:
-    """``torch.export`` of a copy of ``module`` with dynamic height and width."""
+def export_program(module: nn.Module, c: int, size: int,
+                   oblivious: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of a copy of ``module`` with dynamic height and width.
+
+    ``oblivious`` traces size-obliviously (for programs that will run): no guard that holds
+    only at the example's size (a U-Net's skip crop is a no-op at even sizes; traced plainly,
+    the program refuses odd ones). Crop sizes then become opaque symbols, so the analytic
+    pass reads a plainly traced program.
+    """
     auto = torch.export.Dim.AUTO
     x = torch.zeros(1, c, size, size)
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
         warnings.simplefilter("ignore")
         return torch.export.export(copy.deepcopy(module), (x,),
                                    dynamic_shapes=({2: auto, 3: auto},), strict=False)
