@@ -28,6 +28,7 @@ from tilefcn.measure.verify import verify_tiling
 __all__ = ["Measurement", "in_channels_of", "measure", "measure_geometry", "output_shape",
            "probe_geometry", "refuse_training_mode"]
 
+_LARGEST_WINDOW = 4096  # px: tiles (<= 2048) plus halo stay below this
 _TRAIN_ONLY = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                nn.modules.dropout._DropoutNd)
 
@@ -68,8 +69,9 @@ def _data_dependent(exc: Exception) -> str:
 
 def refuse_size_guards(program: torch.export.ExportedProgram) -> None:
     """Raise ``ValueError`` where exporting with free height and width found the model
-    branching on its input's size (an upper bound on a size: tiles and the whole image would
-    run different code)."""
+    branching on its input's size: an upper bound below :data:`_LARGEST_WINDOW` (tiles and the
+    whole image would run different code). Larger bounds (a program's own ``Dim(max=4096)``)
+    are taken as the sizes it was made for; a branch above them is not seen."""
     names = {}
     for node in program.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
@@ -78,7 +80,7 @@ def refuse_size_guards(program: torch.export.ExportedProgram) -> None:
                 if isinstance(size, torch.SymInt):
                     names.update({str(v): axis for v in size.node.expr.free_symbols})
     for sym, vr in program.range_constraints.items():
-        if vr.upper is not int_oo and vr.upper.is_finite:
+        if vr.upper is not int_oo and vr.upper < _LARGEST_WINDOW:
             raise ValueError(f"the model branches on its input's size (torch.export found it "
                              f"only valid for {names.get(str(sym), 'a size')} {sym} <= "
                              f"{vr.upper}): tiles and the whole "

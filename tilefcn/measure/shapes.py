@@ -41,10 +41,20 @@ def on_meta(module: nn.Module) -> nn.Module | None:
         return None
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of the module's first parameter (float32 when it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def try_shape(module: nn.Module, c: int, hw: tuple[int, int], meta: bool = True):
     """The output shape on a ``(1, c, *hw)`` input, or None if the network refuses it."""
+    dtype = _dtype(module)
     try:
-        x = torch.empty(1, c, *hw, device="meta") if meta else torch.zeros(1, c, *hw)
+        x = torch.empty(1, c, *hw, device="meta", dtype=dtype) if meta else \
+            torch.zeros(1, c, *hw, dtype=dtype)
         out = _quiet_call(module, x)
     except Exception:  # noqa: BLE001 - any failure means "not accepted"
         return None
@@ -118,7 +128,12 @@ def accepted_size(module: nn.Module, c: int, at_least: int = 64,
                 return some
             if not is_meta and meta is not None:  # the fallback: one base size only
                 break
-    raise ValueError("the model accepts no square input of 64-1100 px that gives (N, C, H, W) "
+    fn, is_meta = (meta, True) if meta is not None else (module, False)
+    for n in range(8, at_least):  # a layer fixed to a small size: the analysis names it
+        shape = try_shape(fn, c, (n, n), is_meta)
+        if shape is not None and len(shape) == 4:
+            return n, shape
+    raise ValueError("the model accepts no square input of 8-1100 px that gives (N, C, H, W) "
                      "outputs of at least 2x2")
 
 
