@@ -289,7 +289,7 @@ def crop_to_input(net: nn.Module, in_channels: int = 3) -> tuple[int, int]:
     if g.stride != (1, 1):
         raise ValueError(f"crop_to_input needs a stride-1 network, got stride {g.stride}: "
                          "upsample by the trunk stride first")
-    return tuple((-(2 * o + r - 1)) // 2 for o, r in zip(g.offset, g.receptive_field, strict=True))
+    return tuple((-c) // 2 for c in g.centre2)
 
 
 def with_bilinear_head(trunk: nn.Module, in_channels: int = 3) -> nn.Sequential:

@@ -50,10 +50,15 @@ class Geometry:
     alignment: Pair | None = None
     min_input: Pair = field(default=(1, 1), compare=False)
     border: Pair = field(default=(0, 0), compare=False)
+    centre2: Pair | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("receptive_field", "stride", "offset", "min_input", "border"):
             object.__setattr__(self, name, _pair(getattr(self, name)))
+        if self.centre2 is None:
+            object.__setattr__(self, "centre2", tuple(
+                2 * o + r - 1 for o, r in zip(self.offset, self.receptive_field, strict=True)))
+        object.__setattr__(self, "centre2", _pair(self.centre2))
         align = self.stride if self.alignment is None else _pair(self.alignment)
         object.__setattr__(self, "alignment", align)
         for axis in (0, 1):
@@ -67,6 +72,13 @@ class Geometry:
                 )
 
     # -- per-axis arithmetic -------------------------------------------------------------
+    def centre(self, axis: int, i: int = 0) -> float:
+        """Input coordinate (pixel centres at integers) that output ``i`` is centred on:
+        ``centre2/2 + stride*i``. ``centre2`` is twice output 0's centre: ``2*offset + rf - 1``
+        unless the network crops, where the span a tile must read (a crop reads like a valid
+        window over what it cuts) is wider than the pixels the output is computed from."""
+        return self.centre2[axis] / 2 + self.stride[axis] * i
+
     def input_span(self, start: int, stop: int, axis: int) -> tuple[int, int]:
         """Input rows ``[a, b)`` that outputs ``[start, stop)`` depend on (unclipped).
 
@@ -110,6 +122,7 @@ class Geometry:
             "alignment": list(self.alignment),
             "min_input": list(self.min_input),
             "border": list(self.border),
+            "centre2": list(self.centre2),
         }
 
     @classmethod
@@ -121,4 +134,5 @@ class Geometry:
             alignment=_pair(data["alignment"]) if data.get("alignment") is not None else None,
             min_input=_pair(data.get("min_input", 1)),
             border=_pair(data.get("border", 0)),
+            centre2=_pair(data["centre2"]) if data.get("centre2") is not None else None,
         )

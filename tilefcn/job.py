@@ -65,8 +65,7 @@ def heatmap_transform(geometry: Geometry, axis: int) -> tuple[float, float]:
     Output ``i`` sees input rows ``[o + s·i, o + s·i + r)``, centred on ``o + s·i + (r-1)/2``:
     scale ``s``, translation ``o + (r - 1)/2`` (scan pixels; × µm/px for physical units).
     """
-    o, s, r = geometry.offset[axis], geometry.stride[axis], geometry.receptive_field[axis]
-    return float(s), o + (r - 1) / 2
+    return float(geometry.stride[axis]), geometry.centre(axis)
 
 
 def heatmap_geotransform(info: ScanInfo, geometry: Geometry) -> tuple[float, ...] | None:

@@ -150,6 +150,7 @@ class Analysis:
         self.back: dict[fx.Node, list[tuple[fx.Node, tuple]]] = {}
         self.pads: list[tuple[fx.Node, tuple[int, int]]] = []  # reflect/replicate: rows read
         self.unpool: dict[fx.Node, tuple] = {}
+        self.position: dict[fx.Node, tuple] = {}  # crops: maps to the pixels actually used
         self.periods: list[tuple[int, Fraction]] = []  # (axis, input px) crops repeat with
         self.input = self.output = None
         for node in self.graph.nodes:
@@ -241,7 +242,9 @@ class Analysis:
             self.kind[node] = spec
             self.back[node] = [(n, (IDENTITY, IDENTITY)) for n in grids]
             return
-        maps, scale = spec
+        maps, scale, *position = spec
+        if position:
+            self.position[node] = position[0]
         self.kind[node] = Grid(tuple(f * s for f, s in zip(g.factor, scale, strict=True)), g.axes)
         self.back[node] = [(n, maps) for n in grids]
 
@@ -445,7 +448,8 @@ class Analysis:
         # a negative pad crops: like a valid window over what it cuts (see _slice)
         return (tuple(shift(-t) if t >= 0 and b >= 0 else window(1 + max(0, -t) + max(0, -b),
                                                                      1, max(0, t), 1)
-                      for t, b in ((top, bottom), (left, right))), (Fraction(1), Fraction(1)))
+                      for t, b in ((top, bottom), (left, right))), (Fraction(1), Fraction(1)),
+                (shift(-top), shift(-left)))
 
     def _slice(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
         """A crop ``x[a : n-b : c]``: back-map ``[c*lo, c*hi + a + b]`` (see intervals).
@@ -483,9 +487,11 @@ class Analysis:
         if period > 1:
             self.periods.append((ax, g.factor[ax] * period))
         maps, scale = [IDENTITY, IDENTITY], [Fraction(1), Fraction(1)]
+        position = list(maps)
         maps[ax] = window(max(cuts) + 1, step, 0, 1)
+        position[ax] = shift(min(starts), step)
         scale[ax] = Fraction(step)
-        return tuple(maps), tuple(scale)
+        return tuple(maps), tuple(scale), tuple(position)
 
     def _after_removal(self, node: fx.Node, g: Grid, dims, nd: int) -> Grid:
         out_nd = len(_shape(node))
@@ -531,9 +537,11 @@ class Analysis:
                           "positions)")
 
     # -- results -----------------------------------------------------------------------------
-    def interval(self, axis: int, idx: np.ndarray, start: fx.Node | None = None):
+    def interval(self, axis: int, idx: np.ndarray, start: fx.Node | None = None,
+                 position: bool = False):
         """Input rows ``[lo, hi]`` (inclusive; hull over all paths) that ``idx`` of the output
-        (or of node ``start``) read."""
+        (or of node ``start``) read; ``position``: the rows they are computed from (crops
+        as the shift they are, not as the valid window a tile must hold)."""
         first = self.output if start is None else start
         need = {first: (idx.copy(), idx.copy())}
         for node in reversed(self.graph.nodes):
@@ -541,6 +549,8 @@ class Analysis:
                 continue
             lo, hi = need.pop(node)
             for src, maps in self.back.get(node, ()):
+                if position and node in self.position:
+                    maps = self.position[node]
                 l2, h2 = maps[axis](lo, hi)
                 empty = (lo > hi) | (l2 > h2)
                 l2, h2 = np.where(empty, BIG, l2), np.where(empty, -BIG, h2)
@@ -592,9 +602,12 @@ class Analysis:
 
     def geometry(self) -> Geometry:
         stride, align = self.grid()
-        covers = []
+        covers, centre2 = [], []
         for ax in (0, 1):
             period = align[ax] // stride[ax]
             idx = period * 10**6 + np.arange(2 * period, dtype=np.int64)
             covers.append(cover(idx, *self.interval(ax, idx), period))
-        return to_geometry(covers, align, min_input=self.min_input(), border=self.border(align))
+            _, o, r = cover(idx, *self.interval(ax, idx, position=True), period)
+            centre2.append(2 * o + r - 1)
+        return to_geometry(covers, align, min_input=self.min_input(), border=self.border(align),
+                           centre2=tuple(centre2))
