@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import warnings
 
 import torch
@@ -148,11 +149,20 @@ def export_program(module: nn.Module, c: int, size: int,
     """
     auto = torch.export.Dim.AUTO
     x = torch.zeros(1, c, size, size)
+    quiet = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes",
+                                            "torch._export", "torch.export")]
+    levels = [log.level for log in quiet]
+    for log in quiet:  # torch logs sympy's failed simplifications as warnings
+        log.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
             torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
         warnings.simplefilter("ignore")
-        return torch.export.export(copy.deepcopy(module), (x,),
-                                   dynamic_shapes=({2: auto, 3: auto},), strict=False)
+        try:
+            return torch.export.export(copy.deepcopy(module), (x,),
+                                       dynamic_shapes=({2: auto, 3: auto},), strict=False)
+        finally:
+            for log, level in zip(quiet, levels, strict=True):
+                log.setLevel(level)
 
 
 def output_shape(module: nn.Module, in_channels: int, hw: tuple[int, int],
