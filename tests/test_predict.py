@@ -106,8 +106,8 @@ def test_process_workers_reload_unpicklable_models_by_path(tmp_path):
 @pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
 def test_output_shape_by_period_matches_meta(build):
     """The TorchScript fallback (a small real forward + periodicity) agrees with meta."""
-    from tilefcn.measure.shapes import _output_shape_by_period
     from tilefcn.measure import measure_geometry
+    from tilefcn.measure.shapes import _output_shape_by_period
 
     model = build(3)
     geometry = measure_geometry(model)
