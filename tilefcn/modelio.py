@@ -7,13 +7,11 @@ refused. A Python factory ``package.module:function`` is explicit, trusted user 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
 import importlib
 import inspect
-import io
 import json
 import warnings
 import zipfile
@@ -322,10 +320,11 @@ def save_exported(path: str | Path, model: Model, example_size: int | None = Non
 
 
 def _load_exported(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
+    from tilefcn.measure.shapes import quiet_torch
+
     extra = {"tilefcn.json": ""}
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with quiet_torch():
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file means the same
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -138,6 +138,24 @@ def accepted_size(module: nn.Module, c: int, at_least: int = 64,
                      "outputs of at least 2x2")
 
 
+@contextlib.contextmanager
+def quiet_torch():
+    """No warnings, stderr or torch log lines (export's and load's tracebacks, sympy's failed
+    simplifications) while torch.export works: tilefcn reports failures in one line."""
+    logs = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes",
+                                           "torch._export", "torch.export")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
 def export_program(module: nn.Module, c: int, size: int,
                    oblivious: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` of a copy of ``module`` with dynamic height and width.
@@ -149,20 +167,9 @@ def export_program(module: nn.Module, c: int, size: int,
     """
     auto = torch.export.Dim.AUTO
     x = torch.zeros(1, c, size, size)
-    quiet = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes",
-                                            "torch._export", "torch.export")]
-    levels = [log.level for log in quiet]
-    for log in quiet:  # torch logs sympy's failed simplifications as warnings
-        log.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-            torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
-        warnings.simplefilter("ignore")
-        try:
-            return torch.export.export(copy.deepcopy(module), (x,),
-                                       dynamic_shapes=({2: auto, 3: auto},), strict=False)
-        finally:
-            for log, level in zip(quiet, levels, strict=True):
-                log.setLevel(level)
+    with quiet_torch(), torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
+        return torch.export.export(copy.deepcopy(module), (x,),
+                                   dynamic_shapes=({2: auto, 3: auto},), strict=False)
 
 
 def output_shape(module: nn.Module, in_channels: int, hw: tuple[int, int],
