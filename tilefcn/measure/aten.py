@@ -38,14 +38,20 @@ from tilefcn.measure.intervals import (
     upsample,
     window,
 )
+from tilefcn.measure.nodes import (
+    Unsupported,
+    bind,
+    flatten_args,
+    node_shape,
+    pair_of,
+    periodic_values,
+    size_expr,
+    size_int,
+)
 
 FCN_HINT = ("the model is not fully convolutional; use tilefcn.convolutionalize(...) to turn a "
             "patch classifier into an FCN")
 _INT_MAX = 1 << 62
-
-
-class Unsupported(Exception):
-    """An operation the analytic pass does not model: measure by the probe, then verify."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,69 +82,6 @@ _REFUSE = {
 _ADAPTIVE = "pools over the whole image"
 
 
-def _bind(node: fx.Node) -> dict:
-    """Arguments of an OpOverload call by schema name, defaults filled in."""
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            out[arg.name] = arg.default_value
-    return out
-
-
-def _expr(value):
-    """A sympy expression for an int, SymInt or the fx node that computes one."""
-    if isinstance(value, fx.Node):
-        value = value.meta.get("val")
-    if isinstance(value, torch.SymInt):
-        return sympy.sympify(value.node.expr)
-    if isinstance(value, (int, float)):
-        return sympy.Integer(int(value)) if float(value).is_integer() else sympy.Float(value)
-    raise Unsupported(f"cannot read the size {value!r}")
-
-
-def _int(value) -> int | None:
-    e = sympy.simplify(_expr(value))
-    return int(e) if e.is_number and e == int(e) else None
-
-
-def _two(v, n: int = 2) -> tuple:
-    if isinstance(v, (tuple, list)):
-        return tuple(v) * n if len(v) == 1 else tuple(v[-2:])
-    return (v,) * n
-
-
-def _flat(args) -> list:
-    out = []
-    for a in args:
-        out.extend(_flat(a) if isinstance(a, (tuple, list)) else [a])
-    return out
-
-
-def _periodic(exprs, base: int = 1024, span: int = 128):
-    """``(P, values...)``: sympy expressions of the size symbols sampled at ``span`` sizes
-    from ``base``; ``P`` is the least period (<= 64) they all repeat with, or None."""
-    symbols = set().union(*(e.free_symbols for e in exprs))
-    if not symbols:
-        return (1, *([int(e)] for e in exprs))
-    samples = [[int(sympy.floor(e.subs(dict.fromkeys(symbols, v)))) for v in
-                range(base, base + span)] for e in exprs]
-    for period in range(1, 65):
-        if all(vals[i] == vals[i + period] for vals in samples for i in range(span - period)):
-            return (period, *samples)
-    return (None, *samples)
-
-
-def _shape(node: fx.Node) -> tuple:
-    val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        val = val[0]
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-
-
 class Analysis:
     """Per-node grids and back-maps of an ExportedProgram (the analytic pass)."""
 
@@ -155,7 +98,7 @@ class Analysis:
         self.input = self.output = None
         for node in self.graph.nodes:
             if node.op == "placeholder":
-                if node.name in users and self.input is None and len(_shape(node)) == 4:
+                if node.name in users and self.input is None and len(node_shape(node)) == 4:
                     self.input = node
                     self.kind[node] = Grid((Fraction(1), Fraction(1)), (2, 3))
                     self._require_dynamic(node)
@@ -167,7 +110,7 @@ class Analysis:
                 if len(outs) != 1 or not isinstance(self.kind.get(outs[0]), Grid):
                     raise ValueError("the model must return a single (N, C, H, W) tensor")
                 self.output = outs[0]
-                if len(_shape(self.output)) != 4 or self.kind[self.output].axes != (2, 3):
+                if len(node_shape(self.output)) != 4 or self.kind[self.output].axes != (2, 3):
                     raise ValueError("the model must return a single (N, C, H, W) tensor")
             elif node.op == "call_function":
                 self._visit(node)
@@ -179,12 +122,12 @@ class Analysis:
     def _require_dynamic(self, node: fx.Node) -> None:
         """A program whose height or width torch.export fixed holds the size as constants: its
         shape arithmetic cannot be read (the probe measures it instead)."""
-        static = [int(e) for e in map(_expr, _shape(node)[2:]) if e.is_number]
+        static = [int(e) for e in map(size_expr, node_shape(node)[2:]) if e.is_number]
         if not static:
             return
         culprit = next((n for n in self.graph.nodes if n.op == "call_function" and any(
             isinstance(v, int) and not isinstance(v, bool) and v in static
-            for v in _flat(n.args)) and not str(n.target).startswith("aten.conv")), None)
+            for v in flatten_args(n.args)) and not str(n.target).startswith("aten.conv")), None)
         where = f" ({self.label(culprit)} uses it)" if culprit is not None else ""
         raise Unsupported(f"torch.export fixed the input size at {'x'.join(map(str, static))}"
                           f"{where}: the model computes with its input's size")
@@ -235,7 +178,7 @@ class Analysis:
             raise Unsupported(f"{self.label(node)} mixes tensors of different grids")
         src = grids[0]
         g: Grid = self.kind[src]
-        spec = self._spec(node, name, _bind(node), g, src)
+        spec = self._spec(node, name, bind(node), g, src)
         if spec is None:
             raise Unsupported(f"{self.label(node)} is not modelled")
         if isinstance(spec, Grid):  # layout op or pointwise: identity maps
@@ -256,7 +199,7 @@ class Analysis:
 
     def _spec(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node):
         """A :class:`Grid` (identity maps), ``(maps, scale, pads, crops)``, or None."""
-        nd = len(_shape(src))
+        nd = len(node_shape(src))
         if name in _REFUSE:
             raise self.refuse(node, _REFUSE[name])
         if name == "roll":
@@ -296,7 +239,7 @@ class Analysis:
                 if name == "einsum" and (out := self._einsum(node, a, g, src)) is not None:
                     return out
                 if name == "matmul" and nd - 1 not in g.axes and (
-                        src is a["self"] and len(_shape(a["other"])) >= 2):
+                        src is a["self"] and len(node_shape(a["other"])) >= 2):
                     return g  # rows of the image tensor times a constant matrix
             raise self.refuse(node, "mixes all positions (matrix product over positions: "
                               "attention or a fully connected layer)")
@@ -313,9 +256,9 @@ class Analysis:
             return self._conv(node, name, a, g, nd)
         if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
             self._at_end(node, g, nd)
-            k = _two(a["kernel_size"])
-            s = _two(a["stride"]) if a.get("stride") else k
-            p, d = _two(a.get("padding", 0)), _two(a.get("dilation", 1))
+            k = pair_of(a["kernel_size"])
+            s = pair_of(a["stride"]) if a.get("stride") else k
+            p, d = pair_of(a.get("padding", 0)), pair_of(a.get("dilation", 1))
             if name == "max_pool2d_with_indices":
                 self.unpool[node] = (k, s, p, d)
             maps = tuple(window(*v) for v in zip(k, s, p, d, strict=True))
@@ -377,13 +320,13 @@ class Analysis:
         self._at_end(node, g, nd)
         if self.kind.get(a["weight"]) != "const":
             raise Unsupported(f"{self.label(node)} has input-dependent weights")
-        k = _two(tuple(_shape(a["weight"]))[-2:])
-        s, d = _two(a.get("stride", 1)), _two(a.get("dilation", 1))
+        k = pair_of(tuple(node_shape(a["weight"]))[-2:])
+        s, d = pair_of(a.get("stride", 1)), pair_of(a.get("dilation", 1))
         pad = a.get("padding", 0)
         if isinstance(pad, str):
             pad = (0, 0) if pad == "valid" else tuple(di * (ki - 1) // 2 for ki, di in zip(
                 k, d, strict=True))
-        p = _two(pad)
+        p = pair_of(pad)
         if any(isinstance(v, fx.Node) for v in (*k, *s, *p, *d)):
             raise Unsupported(f"{self.label(node)} has input-dependent parameters")
         if name == "conv_transpose2d" or a.get("transposed"):
@@ -401,8 +344,8 @@ class Analysis:
             raise Unsupported(f"{self.label(node)}: indices not from a max pool")
         k, s, p, d = self.unpool[pool]
         size = a.get("output_size")
-        before = _shape(pool.args[0])[-2:]
-        if size and any(sympy.simplify(_expr(v) - _expr(w)) != 0
+        before = node_shape(pool.args[0])[-2:]
+        if size and any(sympy.simplify(size_expr(v) - size_expr(w)) != 0
                         for v, w in zip(size, before, strict=True)):
             raise self.refuse(node, "unpools to a size that is not its pooling layer's input")
         maps = tuple(transposed(*v) for v in zip(k, s, p, d, strict=True))
@@ -418,11 +361,11 @@ class Analysis:
             scales = [a.get("scales_h"), a.get("scales_w")]
             scales = None if None in scales else scales
         if size:
-            ins = _shape(src)[-2:]
-            f = [sympy.nsimplify(sympy.simplify(_expr(o) / _expr(i)))
+            ins = node_shape(src)[-2:]
+            f = [sympy.nsimplify(sympy.simplify(size_expr(o) / size_expr(i)))
                  for o, i in zip(size, ins, strict=True)]
         else:
-            f = [sympy.nsimplify(v) for v in _two(scales)]
+            f = [sympy.nsimplify(v) for v in pair_of(scales)]
         f = [Fraction(int(v.p), int(v.q)) if v.is_Rational and v > 0 else None for v in f]
         if None in f or any(v.numerator != 1 and v.denominator != 1 for v in f) or (
                 "bicubic" in name and any(v < 1 for v in f)):
@@ -439,7 +382,7 @@ class Analysis:
             name, a.get("mode", "constant"))
         if mode == "circular":
             raise self.refuse(node, "wraps around the image (circular padding)")
-        pad = [_int(v) if isinstance(v, fx.Node) else v for v in pad]
+        pad = [size_int(v) if isinstance(v, fx.Node) else v for v in pad]
         if None in pad or len(pad) % 2:
             raise Unsupported(f"{self.label(node)} pads by an input-dependent amount")
         left, right, top, bottom = (pad + [0, 0, 0, 0])[:4]
@@ -468,17 +411,17 @@ class Analysis:
         if not isinstance(step, int) or step < 1:
             raise self.refuse(node, "crops with a step computed from the input's size",
                               "crop a constant number of rows off each side")
-        in_len, out_len = _expr(_shape(src)[dim]), _expr(_shape(node)[dim])
+        in_len, out_len = size_expr(node_shape(src)[dim]), size_expr(node_shape(node)[dim])
         if any(str(v).startswith("u") for v in (in_len + out_len).free_symbols):
             raise Unsupported(f"{self.label(node)} crops to a size torch.export left opaque")
         if out_len.is_number and not in_len.is_number:
             raise self.refuse(node, "crops to a fixed size (not translation-invariant)",
                               "crop a constant number of rows off each side")
-        start = _expr(a.get("start") or 0)
+        start = size_expr(a.get("start") or 0)
         if start.is_number and int(start) < 0:
             start = in_len + start
         cut = in_len - 1 - step * (out_len - 1)  # a + b: rows before the first, after the last
-        period, starts, cuts = _periodic((start, cut))
+        period, starts, cuts = periodic_values((start, cut))
         if period is None or min(starts) < 0 or min(cuts) < 0:
             raise self.refuse(node, "crops to a size or at a position computed from the "
                               "input's shape (not translation-invariant)", "crop a constant "
@@ -494,7 +437,7 @@ class Analysis:
         return tuple(maps), tuple(scale), tuple(position)
 
     def _after_removal(self, node: fx.Node, g: Grid, dims, nd: int) -> Grid:
-        out_nd = len(_shape(node))
+        out_nd = len(node_shape(node))
         if out_nd == nd:
             return g
         dims = [dims] if isinstance(dims, int) else list(dims or [])
@@ -502,7 +445,7 @@ class Analysis:
         return Grid(g.factor, tuple(p - sum(d < p for d in dims) for p in g.axes))
 
     def _layout(self, node: fx.Node, name: str, a: dict, g: Grid, src: fx.Node, nd: int):
-        ins, outs = _shape(src), _shape(node)
+        ins, outs = node_shape(src), node_shape(node)
         if name in ("permute", "transpose", "t"):
             if name == "permute":
                 dims = [d % nd for d in a["dims"]]
@@ -528,10 +471,10 @@ class Analysis:
         if ax != ay + 1:
             return None
         for py in range(len(outs) - 1):
-            same = [sympy.simplify(_expr(outs[py + i]) - _expr(ins[ay + i])) == 0
+            same = [sympy.simplify(size_expr(outs[py + i]) - size_expr(ins[ay + i])) == 0
                     for i in (0, 1)]
-            if all(same) and sympy.simplify(math.prod(map(_expr, outs[:py] or [1])) -
-                                            math.prod(map(_expr, ins[:ay] or [1]))) == 0:
+            if all(same) and sympy.simplify(math.prod(map(size_expr, outs[:py] or [1])) -
+                                            math.prod(map(size_expr, ins[:ay] or [1]))) == 0:
                 return Grid(g.factor, (py, py + 1))
         raise self.refuse(node, "reshapes or flattens the spatial dimensions (mixes all "
                           "positions)")
@@ -588,10 +531,10 @@ class Analysis:
     def min_input(self) -> tuple[int, int]:
         """The program's smallest accepted height and width (its dynamic-shape ranges)."""
         out = []
-        for size in _shape(self.input)[2:]:
+        for size in node_shape(self.input)[2:]:
             lo = 1
             if isinstance(size, torch.SymInt):
-                expr = _expr(size)
+                expr = size_expr(size)
                 subs = {}
                 for sym in expr.free_symbols:
                     vr = self.program.range_constraints.get(sym)
