@@ -7,7 +7,6 @@ The CUDA path (``device="cuda"``) is written but only exercised on machines with
 
 from __future__ import annotations
 
-import copy
 import pickle
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from tilefcn.geometry import Geometry
+from tilefcn.measure.shapes import copy_module
 from tilefcn.modelio import Model, Scaling, as_eval, load_model
 from tilefcn.plan import AxisWindow, sub_windows
 
@@ -119,7 +119,7 @@ def get_model(ref: ModelRef) -> tuple[Model, nn.Module]:
     with _CACHE_LOCK:
         if key not in _CACHE:
             model = ref.model or load_model(ref.spec, geometry=ref.geometry)
-            module = as_eval(copy.deepcopy(model.module)).to(ref.device)
+            module = as_eval(copy_module(model.module)).to(ref.device)
             module = module.to(memory_format=torch.channels_last)
             if len(_CACHE) >= _CACHE_MAX:  # bounded: a long-lived worker sees many models
                 _CACHE.pop(next(iter(_CACHE)))

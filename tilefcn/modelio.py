@@ -7,7 +7,6 @@ refused. A Python factory ``package.module:function`` is explicit, trusted user 
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import importlib
@@ -179,12 +178,13 @@ def from_module(module: nn.Module, *, in_channels: int | None = None,
     same module again does not measure it again, and an edited module is measured anew.
     """
     from tilefcn.measure import in_channels_of, refuse_training_mode
+    from tilefcn.measure.shapes import copy_module
 
     if owned:
         module = as_eval(module)
     else:
         refuse_training_mode(module)
-        module = copy.deepcopy(module)
+        module = copy_module(module)
     if in_channels is None:
         in_channels = _program_channels(program) if program is not None else None
     in_channels = in_channels or in_channels_of(module)

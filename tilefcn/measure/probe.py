@@ -14,7 +14,6 @@ consecutive outputs (``P = alignment / stride`` phases) the supports give the
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 
@@ -25,6 +24,7 @@ from torch import nn
 from tilefcn.geometry import Geometry
 from tilefcn.measure.aten import FCN_HINT
 from tilefcn.measure.intervals import BIG, cover, to_geometry
+from tilefcn.measure.shapes import copy_module
 
 __all__ = ["probe_geometry"]
 
@@ -169,7 +169,7 @@ def fallback(model: nn.Module, c: int, why: Exception | None) -> Geometry:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(f"layer '{name}' ({type(m).__name__}) uses batch statistics "
                              f"(training mode; call model.eval() first): {FCN_HINT}")
-    fn = copy.deepcopy(model)
+    fn = copy_module(model)
     with contextlib.suppress(NotImplementedError):  # ExportedProgram.module() has no eval()
         fn.eval()
     dtype = torch.float64

@@ -37,7 +37,7 @@ def _quiet_call(fn, x: torch.Tensor):
 def on_meta(module: nn.Module) -> nn.Module | None:
     """A ``meta``-device copy of ``module``, or None where it cannot move there."""
     try:
-        return copy.deepcopy(module).to("meta")
+        return copy_module(module).to("meta")
     except Exception:  # noqa: BLE001 - TorchScript and exotic modules: answer by real forwards
         return None
 
@@ -138,6 +138,14 @@ def accepted_size(module: nn.Module, c: int, at_least: int = 64,
                      "outputs of at least 2x2")
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` without the FutureWarning torch's treespecs raise when an exported
+    program's module is copied."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module)
+
+
 @contextlib.contextmanager
 def quiet_torch():
     """No warnings, stderr or torch log lines (export's and load's tracebacks, sympy's failed
@@ -168,7 +176,7 @@ def export_program(module: nn.Module, c: int, size: int,
     auto = torch.export.Dim.AUTO
     x = torch.zeros(1, c, size, size)
     with quiet_torch(), torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
-        return torch.export.export(copy.deepcopy(module), (x,),
+        return torch.export.export(copy_module(module), (x,),
                                    dynamic_shapes=({2: auto, 3: auto},), strict=False)
 
 

@@ -10,7 +10,6 @@ translation equivariance is not what tiling needs, and the model is refused.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import warnings
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from tilefcn.geometry import Geometry, ceil_to
+from tilefcn.measure.shapes import copy_module
 from tilefcn.plan import plan_tiles, sub_windows
 
 
@@ -33,7 +33,7 @@ def _call(fn, x: torch.Tensor) -> torch.Tensor | None:
 
 def runnable(module: nn.Module) -> tuple[nn.Module, torch.dtype]:
     """An eval-mode float64 copy of ``module`` where it converts, else a float32 one."""
-    fn = copy.deepcopy(module)
+    fn = copy_module(module)
     with contextlib.suppress(NotImplementedError, AttributeError):
         fn.eval()
     if not isinstance(fn, torch.jit.ScriptModule):
