@@ -51,7 +51,6 @@ from tilefcn.measure.nodes import (
 
 FCN_HINT = ("the model is not fully convolutional; use tilefcn.convolutionalize(...) to turn a "
             "patch classifier into an FCN")
-_INT_MAX = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
