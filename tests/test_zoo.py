@@ -15,8 +15,9 @@ import dask
 import numpy as np
 import pytest
 import torch
+from models_zoo import whole_image_output
 from torch import nn
-from zoo import ZOO, Entry, changes, random_image, snapshot, whole_image_output
+from zoo import ZOO, Entry, changes, random_image, snapshot
 
 import tilefcn
 

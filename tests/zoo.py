@@ -1005,18 +1005,6 @@ add("fractional_maxpool", lambda c: trunk(c, nn.FractionalMaxPool2d(2, output_ra
 # ------------------------------------------------------------------------ references
 
 
-def whole_image_output(model: nn.Module, image: np.ndarray) -> np.ndarray:
-    """The reference: the model on the whole image at once, input scaled per DESIGN §4
-    (integers / dtype max, floats unchanged; channels last -> channels first)."""
-    x = image.astype(np.float32)
-    if np.issubdtype(image.dtype, np.integer):
-        x /= np.iinfo(image.dtype).max
-    if x.ndim == 2:
-        x = x[..., None]
-    with torch.inference_mode():
-        return model(torch.from_numpy(x).permute(2, 0, 1)[None].contiguous())[0].numpy()
-
-
 def random_image(rng: np.random.Generator, shape: tuple[int, int], channels: int,
                  dtype: str) -> np.ndarray:
     size = (*shape, channels)
