@@ -128,12 +128,13 @@ def _callable_id(fn, depth: int = 0) -> str:
     return f"{name}|{code.co_code.hex()}|{code.co_consts!r}|{cells}"
 
 
-def module_fingerprint(module: nn.Module) -> str:
+def module_fingerprint(module: nn.Module, state_sha: str | None = None) -> str:
     """sha256 of what ``module`` computes: per submodule its class (qualified name and source
     code, or the generated code of a graph / TorchScript module), what the closures of its
     ``forward`` bind (an activation picked at construction), its plain attributes (numbers,
     strings, tuples: kernel sizes, flags, a scale used in forward; functions stored on it)
-    and mode, and every parameter and buffer (persistent or not)."""
+    and mode, and every parameter and buffer: the :func:`state_sha256` (pass ``state_sha``
+    when it is known) plus the non-persistent buffers."""
     digest = hashlib.sha256()
     for name, m in module.named_modules(remove_duplicate=False):
         cls = type(m)
@@ -148,9 +149,11 @@ def module_fingerprint(module: nn.Module) -> str:
         if code is None and (forward := getattr(cls, "forward", None)) is not None:
             plain["<forward>"] = _callable_id(forward)
         digest.update(repr(sorted(plain.items())).encode())
-    for name, t in [*module.named_parameters(remove_duplicate=False),
-                    *module.named_buffers(remove_duplicate=False)]:
-        _tensor_digest(digest, name, t)
+    digest.update((state_sha or state_sha256(module)).encode())
+    for name, m in module.named_modules(remove_duplicate=False):
+        for key in sorted(getattr(m, "_non_persistent_buffers_set", ())):
+            if (t := m._buffers.get(key)) is not None:
+                _tensor_digest(digest, f"{name}.{key}", t)
     return digest.hexdigest()
 
 
@@ -188,12 +191,13 @@ def from_module(module: nn.Module, *, in_channels: int | None = None,
     if in_channels is None:
         in_channels = _program_channels(program) if program is not None else None
     in_channels = in_channels or in_channels_of(module)
-    fingerprint = module_fingerprint(module)
+    sha256 = state_sha256(module)
+    fingerprint = module_fingerprint(module, sha256)
     geometry = geometry or _measured(program or module, module, in_channels, fingerprint)
     if classes is None:
         classes = [f"class{i}" for i in range(_count_outputs(module, in_channels, geometry))]
     return Model(module, name or type(module).__name__, in_channels, tuple(classes), geometry,
-                 scaling or Scaling(), patch_size, state_sha256(module), spec, card or {},
+                 scaling or Scaling(), patch_size, sha256, spec, card or {},
                  fingerprint)
 
 
