@@ -28,16 +28,28 @@ class _Found(Exception):
 
 
 def _quiet_call(fn, x: torch.Tensor):
-    with torch.inference_mode(), warnings.catch_warnings(), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with torch.inference_mode(), quiet_torch():
         return fn(x)
 
 
-def on_meta(module: nn.Module) -> nn.Module | None:
-    """A ``meta``-device copy of ``module``, or None where it cannot move there."""
+def run_or_none(fn, x: torch.Tensor) -> torch.Tensor | None:
+    """``fn(x)`` quietly, in inference mode; None where the network refuses the input."""
     try:
-        return copy_module(module).to("meta")
+        return _quiet_call(fn, x)
+    except Exception:  # noqa: BLE001 - any failure means "not accepted"
+        return None
+
+
+def on_meta(module: nn.Module) -> nn.Module | None:
+    """A ``meta``-device copy of ``module`` (its weights are not copied first), or None where
+    it cannot move there."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in module.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in module.buffers()})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(module, memo).to("meta")
     except Exception:  # noqa: BLE001 - TorchScript and exotic modules: answer by real forwards
         return None
 
@@ -53,11 +65,10 @@ def _dtype(module: nn.Module) -> torch.dtype:
 def try_shape(module: nn.Module, c: int, hw: tuple[int, int], meta: bool = True):
     """The output shape on a ``(1, c, *hw)`` input, or None if the network refuses it."""
     dtype = _dtype(module)
-    try:
-        x = torch.empty(1, c, *hw, device="meta", dtype=dtype) if meta else \
-            torch.zeros(1, c, *hw, dtype=dtype)
-        out = _quiet_call(module, x)
-    except Exception:  # noqa: BLE001 - any failure means "not accepted"
+    x = torch.empty(1, c, *hw, device="meta", dtype=dtype) if meta else \
+        torch.zeros(1, c, *hw, dtype=dtype)
+    out = run_or_none(module, x)
+    if out is None:
         return None
     return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
 

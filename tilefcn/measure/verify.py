@@ -10,25 +10,13 @@ translation equivariance is not what tiling needs, and the model is refused.
 from __future__ import annotations
 
 import contextlib
-import io
-import warnings
 
 import torch
 from torch import nn
 
 from tilefcn.geometry import Geometry, ceil_to
-from tilefcn.measure.shapes import copy_module
+from tilefcn.measure.shapes import copy_module, run_or_none
 from tilefcn.plan import plan_tiles, sub_windows
-
-
-def _call(fn, x: torch.Tensor) -> torch.Tensor | None:
-    try:
-        with torch.inference_mode(), warnings.catch_warnings(), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return fn(x)
-    except Exception:  # noqa: BLE001 - a size the network refuses
-        return None
 
 
 def runnable(module: nn.Module) -> tuple[nn.Module, torch.dtype]:
@@ -63,7 +51,7 @@ def _tiled(fn, x: torch.Tensor, geometry: Geometry, whole: torch.Tensor, tile,
         win = x[..., t.y.read, t.x.read]
         for sy in sub_windows(geometry, 0, t.y, hw[0], sub[0]):
             for sx in sub_windows(geometry, 1, t.x, hw[1], sub[1]):
-                y = _call(fn, win[..., sy.read, sx.read])
+                y = run_or_none(fn, win[..., sy.read, sx.read])
                 block = None if y is None else y[..., sy.crop, sx.crop]
                 if block is None or tuple(block.shape[-2:]) != (sy.out_len, sx.out_len):
                     rows = (t.y.read_start + sy.read_start, t.y.read_start + sy.read_stop)
@@ -85,7 +73,7 @@ def verify_tiling(module: nn.Module, geometry: Geometry, in_channels: int,
     tried = 0
     for hw in _sizes(geometry, example):
         x = torch.randn(1, in_channels, *hw, dtype=dtype, generator=gen)
-        whole = _call(fn, x)
+        whole = run_or_none(fn, x)
         if whole is None:
             continue
         tried += 1
