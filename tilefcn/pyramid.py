@@ -1,0 +1,174 @@
+"""OME-Zarr pyramid levels 1..n, built chunk by chunk (as dask tasks on the workers).
+
+Level ``L`` of a ``(c, h, w)`` level ``L-1`` has shape ``(c, ⌈h/2⌉, ⌈w/2⌉)``; its pixel
+``(y, x)`` is the NaN-aware mean of the level-(L-1) window ``[2y, 2y+2) × [2x, 2x+2)``:
+``v = Σ_valid s / n_valid`` (NaN when ``n_valid = 0``; odd edges average what exists).
+Levels are added while ``min(h, w) ≥ max(min_size, 2)``; chunks are
+``(c, min(cy_{L-1}, h_L), min(cx_{L-1}, w_L))``.
+
+Level-``L`` chunk ``(i, j)``, origin ``(y0, x0) = (i·cy, j·cx)`` and extent ``(ey, ex)``
+(``ey = min(cy, h_L - y0)``), reads level-(L-1) rows ``[2·y0, 2·(y0+ey))``: the source chunk
+rows ``a ∈ [⌊2·y0/sy⌋, min(⌈2·(y0+ey)/sy⌉, ny))`` for source chunk height ``sy`` and grid
+height ``ny`` (columns alike). It is one task depending on the tasks that write those chunks.
+
+Stored values: float32 / float16 keep the mean (computed in float64, then cast); uint8 stores
+``round(mean)`` of the stored uint8 values (uint8 stores hold no NaN).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import dask.threaded
+import numpy as np
+import zarr
+
+__all__ = ["Level", "build_pyramid", "create_levels", "plan_levels", "pyramid_layer",
+           "reduce_chunk", "source_range"]
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """Pyramid level ``index`` (≥ 1): array shape ``(c, h, w)``, spatial chunks ``(cy, cx)``."""
+
+    index: int
+    shape: tuple[int, int, int]
+    chunks: tuple[int, int]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Chunk grid ``(⌈h/cy⌉, ⌈w/cx⌉)``."""
+        return (math.ceil(self.shape[1] / self.chunks[0]),
+                math.ceil(self.shape[2] / self.chunks[1]))
+
+
+def plan_levels(shape: tuple[int, int, int], chunks: tuple[int, int],
+                min_size: int = 256) -> list[Level]:
+    """Levels 1..n of a level-0 array of ``shape`` ``(c, h, w)`` and spatial ``chunks``.
+
+    Halve (ceil) while the smaller side of the previous level is ``≥ max(min_size, 2)``;
+    chunk = ``min(previous chunk, new size)`` per axis. Empty for small images.
+    """
+    c, h, w = (int(v) for v in shape)
+    cy, cx = (int(v) for v in chunks)
+    out: list[Level] = []
+    while min(h, w) >= max(min_size, 2):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        cy, cx = min(cy, h), min(cx, w)
+        out.append(Level(len(out) + 1, (c, h, w), (cy, cx)))
+    return out
+
+
+def source_range(y0: int, extent: int, src_chunk: int, src_grid: int) -> range:
+    """Source chunk indices along one axis that the halved region ``[y0, y0+extent)`` reads:
+    ``[⌊2·y0/s⌋, min(⌈2·(y0+extent)/s⌉, n))`` for source chunk size ``s`` and grid size ``n``."""
+    return range(2 * y0 // src_chunk, min(-(-2 * (y0 + extent) // src_chunk), src_grid))
+
+
+def _mean2x2(block: np.ndarray) -> np.ndarray:
+    """NaN-aware 2×2 mean (float64) of a (C, h, w) block; odd edges average what exists."""
+    c, h, w = block.shape
+    pad = np.full((c, h + h % 2, w + w % 2), np.nan, dtype=np.float64)
+    pad[:, :h, :w] = block
+    quads = pad.reshape(c, pad.shape[1] // 2, 2, pad.shape[2] // 2, 2)
+    valid = ~np.isnan(quads)
+    total = np.where(valid, quads, 0.0).sum(axis=(2, 4))
+    count = valid.sum(axis=(2, 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def _cast(mean: np.ndarray, dtype: str) -> np.ndarray:
+    """A float64 mean as stored: uint8 ``round(mean)``, float16 / float32 cast."""
+    if dtype == "uint8":
+        return np.round(mean).astype(np.uint8)
+    if dtype in ("float16", "float32"):
+        return mean.astype(dtype)
+    raise ValueError(f"unknown output dtype {dtype!r}")
+
+
+def create_levels(path: str | os.PathLike, levels: list[Level], dtype: str) -> None:
+    """Create the empty arrays ``"1"``..``"n"`` of ``levels`` in the store at ``path``.
+
+    Any pyramid array already there is deleted first. Dtype, fill value and compressors are
+    level 0's (``dtype`` must match it); ``dimension_names`` are ``c, y, x``.
+    """
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    base = group["0"]
+    if not isinstance(base, zarr.Array) or str(base.dtype) != dtype:
+        raise ValueError(f"level 0 of {path} is not a {dtype} array")
+    for name in [k for k in group.array_keys() if k != "0" and k.isdigit()]:
+        del group[name]
+    for level in levels:
+        group.create_array(str(level.index), shape=level.shape,
+                           chunks=(level.shape[0], *level.chunks), dtype=dtype,
+                           fill_value=base.fill_value, compressors=base.compressors,
+                           dimension_names=["c", "y", "x"])
+
+
+def reduce_chunk(path: str, level: int, y0: int, x0: int, cy: int, cx: int, dtype: str,
+                 *deps: Any) -> int:
+    """Write the level-``level`` chunk at ``(y0, x0)`` (size ≤ ``(cy, cx)``) from level-1's
+    ``2cy × 2cx`` region under it; returns 1. ``deps`` are ignored (task ordering only)."""
+    src = zarr.open_array(path, path=str(level - 1), mode="r", zarr_format=3)
+    dst = zarr.open_array(path, path=str(level), mode="r+", zarr_format=3)
+    block = np.asarray(src[:, 2 * y0:2 * (y0 + cy), 2 * x0:2 * (x0 + cx)])
+    out = _cast(_mean2x2(block), dtype)
+    dst[:, y0:y0 + out.shape[1], x0:x0 + out.shape[2]] = out
+    return 1
+
+
+def pyramid_layer(path: str, levels: list[Level], level0_chunks: tuple[int, int],
+                  level0_grid: tuple[int, int], deps: dict[tuple[int, int], Any], name: str,
+                  dtype: str) -> tuple[dict, list]:
+    """A raw dask graph layer computing every chunk of ``levels`` (from :func:`plan_levels`).
+
+    Task ``(f"{name}-{L}", i, j)`` is ``reduce_chunk(path, L, i·cy, j·cx, cy, cx, dtype,
+    *sources)``; its sources are the keys of the tasks writing the level-(L-1) chunks it reads
+    — for level 1, ``deps[(iy, ix)]`` (absent or None: that level-0 chunk is already stored or
+    never written, no dependency; a key shared by several chunks is listed once). Every key
+    in ``deps`` must be in the graph computed with this layer (dask reads an unknown key as
+    a literal, so ordering would be lost).
+    Returns ``(layer, keys)``: the layer and the keys of all its tasks.
+    """
+    if [lv.index for lv in levels] != list(range(1, len(levels) + 1)):
+        raise ValueError("levels must be 1, 2, … as plan_levels returns them")
+    layer: dict = {}
+    keys: list = []
+    src_chunks, src_grid = tuple(level0_chunks), tuple(level0_grid)
+    for lv in levels:
+        (cy, cx), (gy, gx), (_, h, w) = lv.chunks, lv.grid, lv.shape
+        for i in range(gy):
+            rows = source_range(i * cy, min(cy, h - i * cy), src_chunks[0], src_grid[0])
+            for j in range(gx):
+                cols = source_range(j * cx, min(cx, w - j * cx), src_chunks[1], src_grid[1])
+                cells = [(a, b) for a in rows for b in cols]
+                if lv.index == 1:  # one write task may have written several chunks
+                    needs = list(dict.fromkeys(deps[ab] for ab in cells
+                                               if deps.get(ab) is not None))
+                else:
+                    needs = [(f"{name}-{lv.index - 1}", a, b) for a, b in cells]
+                key = (f"{name}-{lv.index}", i, j)
+                layer[key] = (reduce_chunk, path, lv.index, i * cy, j * cx, cy, cx, dtype,
+                              *needs)
+                keys.append(key)
+        src_chunks, src_grid = lv.chunks, lv.grid
+    return layer, keys
+
+
+def build_pyramid(path: str | os.PathLike, *, min_size: int = 256,
+                  num_workers: int | None = None) -> list[Level]:
+    """Build every pyramid level of a store whose level 0 is complete, here on local threads
+    (``min(4, cpus)`` by default), replacing any present; returns the levels."""
+    base = zarr.open_array(path, path="0", mode="r", zarr_format=3)
+    levels = plan_levels(base.shape, base.chunks[1:], min_size)
+    dtype = str(base.dtype)
+    create_levels(path, levels, dtype)
+    grid = tuple(math.ceil(n / c) for n, c in zip(base.shape[1:], base.chunks[1:], strict=True))
+    layer, keys = pyramid_layer(str(path), levels, base.chunks[1:], grid, {},
+                                "tilefcn-pyramid", dtype)
+    dask.threaded.get(layer, keys, num_workers=num_workers or min(4, os.cpu_count() or 1))
+    return levels
