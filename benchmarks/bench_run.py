@@ -27,14 +27,15 @@ def model_rate(model_spec: str, tile: int = 256, seconds: float = 8.0) -> float:
     import threading
 
     import numpy as np
-    import torch
 
-    from tilefcn.infer import forward, get_model, make_ref
     from tilefcn.modelio import load_model
+    from tilefcn.runtime.cache import get_engine, make_ref
 
     model = load_model(model_spec)
-    ref = make_ref(model, "cpu", torch_threads=1)
-    _, module = get_model(ref)
+    engine = get_engine(make_ref(model, "cpu", torch_threads=1))
+
+    def forward(window: np.ndarray) -> None:
+        engine.runner(engine._prepare(window[None]))
     g = model.geometry
     halo = sum(g.halo(0))
     side = tile + halo
@@ -45,10 +46,10 @@ def model_rate(model_spec: str, tile: int = 256, seconds: float = 8.0) -> float:
 
     def work(i: int) -> None:
         while time.perf_counter() < stop:
-            forward(module, window, model.scaling, torch.device("cpu"))
+            forward(window)
             counts[i] += 1
 
-    forward(module, window, model.scaling, torch.device("cpu"))  # warm up
+    forward(window)  # warm up
     stop = time.perf_counter() + seconds
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(counts))]
     for t in threads:

@@ -85,6 +85,17 @@ def test_cli_run_on_a_real_cluster_equals_whole_image(cluster, tmp_path):
     assert group.attrs["tilefcn"]["status"] == "complete"
     np.testing.assert_allclose(group["0"][:], whole_image_output(model, image), rtol=0,
                                atol=1e-5)
+    from distributed import Client
+
+    from tilefcn.runtime.plugin import PLUGIN_NAME, worker_report
+
+    with Client(cluster, timeout="30s") as client:  # the runtime plugin prepared each worker
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        reports = client.run(worker_report)
+    assert len(plugins) == 2 and all(PLUGIN_NAME in p for p in plugins.values())
+    assert len({r["pid"] for r in reports.values()}) == 2
+    assert sum(r["engines"] for r in reports.values()) >= 1  # models cached on the workers
+    assert group.attrs["tilefcn"]["job"]["device"] == "auto"  # resolved on the workers
 
 
 def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):

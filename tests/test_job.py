@@ -5,10 +5,10 @@ import pytest
 import zarr
 from models_zoo import strided, whole_image_output
 
-from tilefcn import job
 from tilefcn.geometry import Geometry
 from tilefcn.job import heatmap_geotransform, heatmap_transform, run
 from tilefcn.read import open_scan
+from tilefcn.sinks import ZarrSink
 from tilefcn.synthetic import write_scene
 
 
@@ -49,22 +49,22 @@ def test_interrupted_run_resumes_to_the_same_heatmap(tmp_path, monkeypatch):
     image = rng.integers(0, 255, (200, 260, 3), dtype=np.uint8)
     model = strided(3, 2)
     out = tmp_path / "heat.zarr"
-    real_write, calls = job._write_block, []
+    real_write, calls = ZarrSink.__call__, []
 
-    def failing_write(array, block, window):
-        calls.append(window)
+    def failing_write(sink, tile, block):
+        calls.append(tile)
         if len(calls) > 3:
             raise RuntimeError("worker lost")
-        return real_write(array, block, window)
+        return real_write(sink, tile, block)
 
-    monkeypatch.setattr(job, "_write_block", failing_write)
+    monkeypatch.setattr(ZarrSink, "__call__", failing_write)
     with pytest.raises(RuntimeError, match="worker lost"):
         run(image, model, out, tile=64, device="cpu", workers=1)
     group = zarr.open_group(str(out), mode="r")
     assert group.attrs["tilefcn"]["status"] == "running"  # never looks complete
     with pytest.raises(FileExistsError):
         run(image, model, out, tile=64, device="cpu")
-    monkeypatch.setattr(job, "_write_block", real_write)
+    monkeypatch.setattr(ZarrSink, "__call__", real_write)
     summary = run(image, model, out, tile=64, device="cpu", resume=True)
     # 17×22 outputs, 6 per chunk (tile 64 → 72 px on the alignment grid of 12)
     assert summary.tiles_skipped == 3 and summary.tiles == 12

@@ -41,7 +41,7 @@ def test_auto_mask_skips_only_glass_and_keeps_the_rest_exact(tmp_path):
 def _tissue_reference(model, image):
     import torch
 
-    from tilefcn.infer import scale_input
+    from tilefcn.runtime.scaling import scale_input
 
     x = torch.from_numpy(scale_input(image, model.scaling)).permute(2, 0, 1)[None]
     with torch.inference_mode():

@@ -118,8 +118,8 @@ def test_output_shape_by_period_matches_meta(build):
 def test_in_memory_models_ship_by_value_or_fail_clearly(tmp_path):
     import pickle
 
-    from tilefcn.infer import get_model, make_ref
     from tilefcn.modelio import load_model, save_exported
+    from tilefcn.runtime.cache import get_engine, make_ref
 
     model = load_model(ZOO[0](3))
     ref = make_ref(model, "cpu")
@@ -127,7 +127,7 @@ def test_in_memory_models_ship_by_value_or_fail_clearly(tmp_path):
     x = torch.rand(1, 3, 40, 40)
     with torch.inference_mode():
         np.testing.assert_array_equal(copy.model.module(x), model.module(x))
-    assert get_model(copy)[0].sha256 == model.sha256
+    assert get_engine(copy).model.sha256 == model.sha256
     program = torch.export.load(str(save_exported(tmp_path / "m.pt2", model))).module()
     unpicklable = make_ref(load_model(program), "cpu")  # in memory, no path to reload from
     with pytest.raises(TypeError, match="pass the path instead"):

@@ -15,8 +15,8 @@ import tilefcn
 import tilefcn.modelio
 import tilefcn.models
 from tilefcn.cli import main
-from tilefcn.infer import scale_input
 from tilefcn.modelio import load_model
+from tilefcn.runtime.scaling import scale_input
 from tilefcn.synthetic import SCENE_CLASSES, SLIDE_CLASSES, write_slide
 from tilefcn.train import (
     augment,

@@ -15,6 +15,7 @@ import click
 
 from tilefcn import __version__
 
+SMALL_SUB_TILE = 64  # px; below this the per-call overhead and halo dominate
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
              NotADirectoryError, PermissionError)
 
@@ -107,12 +108,32 @@ class _Bar:
               help="none: compute every tile; auto: skip tiles without tissue (brightfield) "
                    "or with nodata only (other scans); PATH: a mask image, non-zero = compute. "
                    "Skipped outputs are NaN.")
+@click.option("--gpus", type=click.IntRange(min=1), help="Start a local cluster of one "
+              "worker process per GPU (dask-cuda when installed) and run there.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "compile", "onnxruntime"]),
+              default="auto", show_default=True,
+              help="What runs the model on CPU. auto: time the installed backends (torch "
+                   "NCHW/channels_last, ONNX Runtime) on sub-tiles of this model for a few "
+                   "seconds, keep those within 1e-5 of torch, use the fastest (cached per "
+                   "model and machine). compile: torch.compile (slow to start).")
+@click.option("--batch", type=click.IntRange(min=1), help="Equal-shaped sub-tiles run "
+              "together (default 1 on CPU, 8 on CUDA; border sub-tiles run alone, unpadded).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="fp32 is exact (TF32 off on GPUs); bf16/fp16 autocast "
+                                      "is faster on GPUs but not exact (README: errors).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]), default="float32",
+              show_default=True, help="OME-Zarr values: float32, float16 (half the size), "
+                                      "uint8 (probability × 255 rounded; no NaN, so no mask).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print the backend chosen and the "
+                                                    "rates measured.")
 def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: int | None,
         level: int | None, mpp: float | None, device: str, workers: int | None,
-        scheduler: str | None, mask: str, overwrite: bool, resume: bool, quiet: bool) -> None:
+        scheduler: str | None, gpus: int | None, backend: str, batch: int | None,
+        precision: str, dtype: str, mask: str, overwrite: bool, resume: bool, quiet: bool,
+        verbose: bool) -> None:
     """Predict IMAGE (TIFF/OME-TIFF/SVS/GeoTIFF/zarr) and write the heatmap chunk by chunk."""
     from tilefcn.job import run as run_scan
 
@@ -122,14 +143,26 @@ def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: i
         raise click.UsageError("give --overwrite or --resume, not both")
     from tilefcn.read import open_scan
 
+    if sub_tile is not None and sub_tile < SMALL_SUB_TILE:
+        click.echo(f"Warning: --sub-tile {sub_tile} is small: each sub-tile pays the model's "
+                   f"halo and a call of its own, so this runs several times slower than the "
+                   f"default (256 on CPU)", err=True)
     scan = open_scan(image, level=level, mpp=mpp)  # a missing file: one-line error, exit 2
     bar = _Bar(scan.info.shape[0] * scan.info.shape[1] / 1e6, not quiet)
     try:
         summary = run_scan(scan, model, out, tile=tile, device=device,
-                           workers=workers, scheduler=scheduler, overwrite=overwrite,
-                           resume=resume, sub_tile=sub_tile, mask=mask, progress=bar)
+                           workers=workers, scheduler=scheduler, gpus=gpus,
+                           overwrite=overwrite, resume=resume, sub_tile=sub_tile, mask=mask,
+                           backend=backend, precision=precision, batch=batch, dtype=dtype,
+                           progress=bar)
     finally:
         bar.close()
+    if verbose:
+        choice = summary.backend_choice or {}
+        rates = ", ".join(f"{k} {v:.1f} MP/s" for k, v in
+                          (choice.get("rates_mp_per_s") or {}).items())
+        click.echo(f"Backend: {summary.backend}" + (f" (measured: {rates})" if rates else
+                   " (chosen on each worker)" if summary.backend == "auto" else ""))
     click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "
                f"{summary.megapixels:.1f} MP in {summary.seconds:.1f} s "
                f"({summary.mp_per_s:.1f} MP/s, {summary.tiles} tiles"

@@ -17,16 +17,21 @@ import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
-from tilefcn.infer import ModelRef, make_ref, run_tile
 from tilefcn.measure.shapes import output_shape
 from tilefcn.modelio import Model, load_model
-from tilefcn.plan import Tile, TilePlan, default_tile, plan_tiles, tiles_without_foreground
+from tilefcn.plan import (
+    Tile,
+    TilePlan,
+    default_tile,
+    plan_tiles,
+    sub_window_shapes,
+    tiles_without_foreground,
+)
 from tilefcn.read import Scan, open_scan
-
-
-def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
-    """Read one ``(h, w, C)`` window from a scan reader (runs inside a task)."""
-    return np.asarray(reader[window])
+from tilefcn.runtime.cache import ModelRef, make_ref, run_tile
+from tilefcn.runtime.device import resolve_device
+from tilefcn.runtime.engine import DEFAULT_SUB_TILE
+from tilefcn.sinks import read_window, write_block, write_group
 
 
 def nan_block(classes: int, height: int, width: int) -> np.ndarray:
@@ -60,6 +65,32 @@ class Prediction:
     def ref_key(self) -> str:
         return self.dependencies[0].key
 
+    def write_layer(self, sink_key: str, skip: set, group: int,
+                    name: str) -> tuple[dict, dict]:
+        """Raw graph layer writing every tile not in ``skip`` through the sink at
+        ``sink_key``; returns ``(layer, {tile index: key of the task that writes it})``.
+
+        With a scan reader, ``group`` consecutive tiles (row-major) share one task that
+        streams them through the engine (reads run ahead of the model); without one (an
+        in-memory or dask array) each tile is its own task.
+        """
+        todo = [t for t in self.plan.tiles() if t.index not in skip]
+        layer: dict = {}
+        writer: dict = {}
+        if self.scan.reader is None:
+            for t in todo:
+                layer[(name, *t.index)] = (write_block, sink_key, self.task(t), t)
+                writer[t.index] = (name, *t.index)
+            return layer, writer
+        reader_key = self.dependencies[1].key
+        for k in range(0, len(todo), group):
+            tiles = todo[k:k + group]
+            key = (name, k // group)
+            layer[key] = (write_group, self.ref_key, reader_key, sink_key, tiles,
+                          self.plan.image_shape, self.sub_tile)
+            writer.update({t.index: key for t in tiles})
+        return layer, writer
+
     @property
     def classes(self) -> int:
         return len(self.model.classes)
@@ -88,11 +119,14 @@ def _positive_int(name: str, value: Any) -> int | None:
 def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
                     level: int | None = None, mpp: float | None = None,
                     sub_tile: int | None = None, torch_threads: int | None = None,
-                    mask: str | None = None) -> Prediction:
+                    mask: str | None = None, backend: str = "auto", precision: str = "fp32",
+                    batch: int | None = None, local: bool = True) -> Prediction:
     """Open the scan, load the model, check they fit, and plan the tiles (nothing computed).
 
     ``mask``: ``None``/``"none"`` computes every tile; ``"auto"`` or a mask image path skips
     tiles with no foreground (see :mod:`tilefcn.mask`); their outputs are NaN.
+    ``local``: the graph runs in this process, so the engine (device, backend) is prepared
+    here; for a cluster each worker prepares its own (:mod:`tilefcn.runtime.cache`).
     """
     tile = _positive_int("tile", tile)
     sub_tile = _positive_int("sub_tile", sub_tile)
@@ -113,9 +147,14 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
         from tilefcn.mask import foreground_mask
 
         masked = tiles_without_foreground(plan, foreground_mask(scan, mask))
-    ref = make_ref(model, device, torch_threads)
-    token = dask.base.tokenize(scan.array.name, ref.token, plan, ref.device,
-                               sub_tile, sorted(masked))
+    batch = _positive_int("batch", batch)
+    kind = resolve_device(device).type if local else \
+        ("cuda" if str(device).startswith("cuda") else "cpu")
+    shapes = sub_window_shapes(model.geometry, plan, sub_tile or DEFAULT_SUB_TILE[kind])
+    ref = make_ref(model, device, torch_threads, backend=backend, precision=precision,
+                   batch=batch, sub_tile=sub_tile, shapes=shapes, local=local)
+    token = dask.base.tokenize(scan.array.name, ref.token, plan, ref.device, backend,
+                               precision, batch, sub_tile, sorted(masked))
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]
     windows: dict = {}  # how each computed tile gets its input window (masked tiles: none)
@@ -138,7 +177,8 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
 
 def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
             level: int | None = None, mpp: float | None = None, sub_tile: int | None = None,
-            torch_threads: int | None = None, mask: str | None = None) -> da.Array:
+            torch_threads: int | None = None, mask: str | None = None, backend: str = "auto",
+            precision: str = "fp32", batch: int | None = None) -> da.Array:
     """Lazy heatmap ``(C, H_out, W_out)`` float32 equal to ``model(whole image)``.
 
     Parameters
@@ -155,6 +195,26 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
     mask : ``"auto"`` or a mask image path: tiles without foreground are not computed (NaN).
     torch_threads : torch threads in each worker process while tasks run (default 1 on CPU:
         one per dask thread).
+    backend : ``"auto"`` (measure the installed CPU backends, keep those within 1e-5 of
+        torch, use the fastest), ``"torch"``, ``"compile"`` or ``"onnxruntime"``.
+    precision : ``"fp32"`` (exact, TF32 off), or ``"bf16"``/``"fp16"`` autocast (not exact).
+    batch : sub-tiles of equal shape run together (default 1 on CPU, 8 on CUDA).
+
+    The engine is prepared in this process; under a ``distributed`` client, tasks prepare it
+    on each worker instead (``device="cuda"`` then resolves on the GPU workers).
     """
+    local = _default_client() is None
     return plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
-                           sub_tile=sub_tile, torch_threads=torch_threads, mask=mask).heatmap
+                           sub_tile=sub_tile, torch_threads=torch_threads, mask=mask,
+                           backend=backend, precision=precision, batch=batch,
+                           local=local).heatmap
+
+
+def _default_client() -> Any:
+    """The ``distributed`` client that dask would use now, or None."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None

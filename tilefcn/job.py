@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
+import dask.threaded
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
+from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
 from tilefcn.read import Scan, ScanInfo
+from tilefcn.sinks import ZarrSink
 from tilefcn.write import (
+    OUTPUT_DTYPES,
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
@@ -46,6 +49,8 @@ class RunSummary:
     seconds: float
     megapixels: float
     tiles_masked: int = 0
+    backend: str = "auto"
+    backend_choice: dict | None = None
 
     @property
     def mp_per_s(self) -> float:
@@ -79,8 +84,12 @@ def heatmap_geotransform(info: ScanInfo, geometry: Geometry) -> tuple[float, ...
     return (x0 + px_w * left, px_w * sx, rot_x, y0 + px_h * top, rot_y, px_h * sy)
 
 
-def _attrs(prediction: Prediction) -> dict[str, Any]:
-    info, model = prediction.scan.info, prediction.model
+def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any]:
+    info, model, ref = prediction.scan.info, prediction.model, prediction.ref
+    job = {"device": ref.device, "backend": ref.backend, "precision": ref.precision,
+           "batch": ref.batch, "sub_tile": ref.sub_tile, **(options or {})}
+    if ref.choice:
+        job["backend_choice"] = ref.choice
     return {
         "version": __version__,
         "model": {"name": model.name, "sha256": model.sha256, "spec": model.spec},
@@ -89,71 +98,116 @@ def _attrs(prediction: Prediction) -> dict[str, Any]:
         "classes": list(model.classes),
         "tile": [prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]],
         "masked_tiles": len(prediction.masked),
+        "job": job,
     }
 
 
-def _write_block(array: Any, block: Any, window: tuple[slice, slice]) -> int:
-    array[(slice(None), *window)] = block
-    return 1
+def _group_size(tiles: int, workers: int) -> int:
+    """Tiles per write task: enough tasks to keep every worker busy (≥ 4 each), at most 8."""
+    return max(1, min(8, tiles // (4 * max(1, workers))))
 
 
-def _write_tasks(prediction: Prediction, array: Any, skip: set) -> list[Delayed]:
-    name = "tilefcn-write-" + prediction.name.rsplit("-", 1)[-1]
-    array_d = dask.delayed(array, name=f"{name}-store", traverse=False)
-    layer = {(name, *t.index): (_write_block, array_d.key, prediction.task(t), t.out)
-             for t in prediction.plan.tiles() if t.index not in skip}
-    graph = HighLevelGraph.from_collections(
-        name, layer, dependencies=[*prediction.dependencies, array_d])
-    return [Delayed(key, graph, layer=name) for key in layer]
+def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip: set,
+                workers: int, gpu_resources: bool) -> tuple[HighLevelGraph, list, list]:
+    """The write tasks (level 0) and the pyramid tasks built from them, in one graph.
+
+    Returns ``(graph, write keys, pyramid keys)``. With ``gpu_resources`` the write tasks
+    carry ``resources={"GPU": 1}`` (one model per GPU on a ``--resources GPU=1`` fleet).
+    """
+    token = prediction.name.rsplit("-", 1)[-1]
+    name = f"tilefcn-write-{token}"
+    sink_d = dask.delayed(ZarrSink(array, dtype), name=f"{name}-sink", traverse=False)
+    todo = prediction.plan.grid[0] * prediction.plan.grid[1] - len(skip)
+    layer, writer = prediction.write_layer(sink_d.key, skip, _group_size(todo, workers), name)
+    annotations = {"resources": {"GPU": 1}} if gpu_resources else {}
+    with dask.annotate(**annotations):
+        graph = HighLevelGraph.from_collections(
+            name, layer, dependencies=[*prediction.dependencies, sink_d])
+    levels = plan_levels(array.shape, array.chunks[1:])
+    create_levels(out, levels, dtype)
+    pyramid, pyramid_keys = pyramid_layer(str(out), levels, array.chunks[1:],
+                                          prediction.plan.grid, writer,
+                                          f"tilefcn-pyramid-{token}", dtype)
+    layers = {**graph.layers, f"tilefcn-pyramid-{token}": MaterializedLayer(pyramid)}
+    deps = {**graph.dependencies, f"tilefcn-pyramid-{token}": {name}}
+    return HighLevelGraph(layers, deps), list(layer), pyramid_keys
 
 
 SCHEDULER_TIMEOUT = "30s"
 
 
 @contextlib.contextmanager
-def _executor(scheduler: str | None, workers: int) -> Iterator[Any]:
-    """A connected ``distributed.Client`` (also dask's default while open), or local threads."""
+def _executor(scheduler: str | None, workers: int, gpus: int | None = None,
+              torch_threads: int | None = None) -> Iterator[Any]:
+    """A connected ``distributed.Client`` (also dask's default while open), or local threads.
+
+    ``gpus``: a local cluster of one worker process per GPU (:mod:`tilefcn.fleet`).
+    On a client the :class:`~tilefcn.runtime.plugin.RuntimePlugin` prepares every worker.
+    """
+    if gpus:
+        from tilefcn.fleet import gpu_cluster
+
+        with gpu_cluster(gpus) as cluster:
+            with _client(cluster, torch_threads) as client:
+                yield client
+        return
     if not scheduler:
         with dask.config.set(scheduler="threads", num_workers=workers):
             yield None
         return
-    from distributed import Client
-
-    try:
-        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
-    with client:
+    with _client(scheduler, torch_threads) as client:
         yield client
 
 
-def _compute(tasks: list[Delayed], client: Any, *, progress: Progress | None, total: int,
-             done: int) -> None:
-    """Compute ``tasks`` on ``client``'s cluster, or on the local threaded scheduler."""
+@contextlib.contextmanager
+def _client(address: Any, torch_threads: int | None) -> Iterator[Any]:
+    from distributed import Client
+
+    from tilefcn.runtime.plugin import RuntimePlugin
+
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
+    with client:
+        client.register_plugin(RuntimePlugin(torch_threads=torch_threads))
+        yield client
+
+
+def _has_gpu_workers(client: Any) -> bool:
+    """Whether any worker of ``client``'s cluster advertises a ``GPU`` resource."""
+    workers = client.scheduler_info().get("workers", {}) if client is not None else {}
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def _compute(graph: HighLevelGraph, keys: list, client: Any, *, counted: list, workers: int,
+             progress: Progress | None, total: int, done: int) -> None:
+    """Compute ``keys`` of ``graph`` on ``client``'s cluster or the local threads; the
+    results of ``counted`` keys are tiles done, reported to ``progress``."""
+    counted_set = set(counted)
     if client is not None:
         from distributed import as_completed
 
-        futures = client.compute(tasks)
-        for _ in as_completed(futures):
-            done += 1
-            if progress:
-                progress(done, total)
+        futures = client.get(graph, keys, sync=False)
+        for future in as_completed(futures):
+            if future.key in counted_set:
+                done += future.result()
+                if progress:
+                    progress(done, total)
         client.gather(futures)
         return
     from dask.callbacks import Callback
 
-    names = {t.key[0] for t in tasks}
-
     class _Tick(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
             nonlocal done
-            if isinstance(key, tuple) and key[0] in names:
-                done += 1
+            if key in counted_set:
+                done += result
                 if progress:
                     progress(done, total)
 
     with _Tick():
-        dask.compute(*tasks)
+        dask.threaded.get(dict(graph), keys, num_workers=workers)
 
 
 def _write_tiff(prediction: Prediction, out: Path, progress: Progress | None) -> int:
@@ -171,43 +225,57 @@ def _write_tiff(prediction: Prediction, out: Path, progress: Progress | None) ->
     info = prediction.scan.info
     write_geotiff(out, prediction.heatmap,
                   geotransform=heatmap_geotransform(info, prediction.model.geometry),
-                  crs=info.crs, description=_attrs(prediction), progress=strip_done)
+                  crs=info.crs, description=_attrs(prediction, {"dtype": "float32"}),
+                  progress=strip_done)
     return 0
 
 
-def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any,
-                progress: Progress | None) -> int:
-    """Write every missing chunk of an OME-Zarr heatmap, then its pyramid; returns how many
-    chunks a resumed store already had."""
+def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, options: dict,
+                progress: Progress | None, workers: int) -> int:
+    """Write every missing chunk of an OME-Zarr heatmap and its pyramid (tasks on the
+    workers), then mark it complete; returns how many chunks a resumed store already had."""
     info, geometry = prediction.scan.info, prediction.model.geometry
     (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
     unit, (my, mx) = ("micrometer", info.mpp) if info.mpp else (None, (1.0, 1.0))
+    dtype = options["dtype"]
     array = create_ome_zarr(
         out, shape=(prediction.classes, *prediction.plan.out_shape),
         chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
         scale=(sy * my, sx * mx), translation=(ty * my, tx * mx), unit=unit,
-        attrs=_attrs(prediction), mode=mode)
+        attrs=_attrs(prediction, options), mode=mode, dtype=dtype)
     resumed = written_chunks(array) if mode == "resume" else set()
     skip = resumed | prediction.masked  # masked tiles stay NaN, the store's fill value
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     if progress:
         progress(len(skip), tiles)
-    _compute(_write_tasks(prediction, array, skip), client, progress=progress, total=tiles,
-             done=len(skip))
-    finish_ome_zarr(out)
+    if client is not None:  # every worker loads the model onto its device before the tasks
+        from tilefcn.runtime.plugin import RuntimePlugin
+
+        client.register_plugin(RuntimePlugin(prediction.ref))
+    gpu = str(prediction.ref.device).startswith("cuda") and _has_gpu_workers(client)
+    graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
+    _compute(graph, writes + pyramid, client, counted=writes, workers=workers,
+             progress=progress, total=tiles, done=len(skip))
+    finish_ome_zarr(out, levels=len(plan_levels(array.shape, array.chunks[1:])))
     return len(resumed - prediction.masked)
 
 
 def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
         tile: int | None = None, level: int | None = None, mpp: float | None = None,
         device: str = "auto", workers: int | None = None, scheduler: str | None = None,
-        overwrite: bool = False, resume: bool = False, sub_tile: int | None = None,
-        mask: str | None = None, progress: Progress | None = None) -> RunSummary:
+        gpus: int | None = None, overwrite: bool = False, resume: bool = False,
+        sub_tile: int | None = None, mask: str | None = None, backend: str = "auto",
+        precision: str = "fp32", batch: int | None = None, dtype: str = "float32",
+        progress: Progress | None = None) -> RunSummary:
     """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
 
     An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
     chunks already written are kept and only the missing ones computed). ``mask`` (``"auto"``
-    or a mask image) leaves tiles without foreground uncomputed (NaN).
+    or a mask image) leaves tiles without foreground uncomputed (NaN). ``dtype``
+    (OME-Zarr): ``float32`` (default), ``float16`` or ``uint8`` (``round(p · 255)``, no NaN,
+    so no mask). ``backend``/``precision``/``batch``: see :func:`tilefcn.predict`.
+    ``scheduler`` (an address) or ``gpus`` (a local cluster, one process per GPU) run the
+    tasks on ``distributed`` workers, each preparing its own device and model.
     """
     if out is None:
         source = str(image.info.source if isinstance(image, Scan) else image)
@@ -215,21 +283,39 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
             raise ValueError("an output path is needed when the image is not a file")
         out = default_output(source)
     out = Path(out)
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    tiff = out.suffix.lower() in (".tif", ".tiff")
+    if tiff and dtype != "float32":
+        raise ValueError(f"--dtype {dtype} is for OME-Zarr outputs; GeoTIFFs are float32")
+    if dtype == "uint8" and mask not in (None, "none"):
+        raise ValueError("--dtype uint8 cannot store the NaN of masked tiles; use float16")
+    if scheduler and gpus:
+        raise ValueError("give a scheduler address or --gpus, not both")
     mode = check_output(out, overwrite=overwrite, resume=resume)
     workers = workers or os.cpu_count() or 1
-    threads = None if scheduler else max(1, (os.cpu_count() or 1) // workers)
+    distributed = bool(scheduler or gpus)
+    threads = None if distributed else max(1, (os.cpu_count() or 1) // workers)
     prediction = plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
-                                 sub_tile=sub_tile, torch_threads=threads, mask=mask)
+                                 sub_tile=sub_tile, torch_threads=threads, mask=mask,
+                                 backend=backend, precision=precision, batch=batch,
+                                 local=not distributed)
     start = time.perf_counter()
-    with _executor(scheduler, workers) as client:  # connect before writing anything
-        if out.suffix.lower() in (".tif", ".tiff"):
+    with _executor(scheduler, workers, gpus) as client:  # connect before writing anything
+        if client is not None:
+            workers = max(1, sum(w.get("nthreads", 1) for w in
+                                 client.scheduler_info().get("workers", {}).values()))
+        if tiff:
             skipped = _write_tiff(prediction, out, progress)
         else:
-            skipped = _write_zarr(prediction, out, mode, client, progress)
+            skipped = _write_zarr(prediction, out, mode, client, {"dtype": dtype}, progress,
+                                  workers)
     seconds = time.perf_counter() - start
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     height, width = prediction.plan.image_shape
     computed = 1.0 - (skipped + len(prediction.masked)) / tiles
     return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
                       skipped, seconds, height * width * computed / 1e6,
-                      len(prediction.masked))
+                      len(prediction.masked), prediction.ref.backend if not prediction.ref.choice
+                      else prediction.ref.choice.get("backend", prediction.ref.backend),
+                      prediction.ref.choice)

@@ -232,3 +232,17 @@ def tiles_without_foreground(plan: TilePlan, mask: np.ndarray) -> frozenset[tupl
         if not mask[y0:y1, x0:x1].any():
             empty.add(tile.index)
     return frozenset(empty)
+
+
+def sub_window_shapes(geometry: Geometry, plan: TilePlan,
+                      sub_tile: int) -> frozenset[tuple[int, int]]:
+    """Every input shape ``(h, w)`` the model will see in this plan with ``sub_tile``.
+
+    Rows and columns split independently, so the shapes are the product of the distinct
+    sub-window heights and widths. A backend other than eager torch is checked on each.
+    """
+    heights = {w.read_stop - w.read_start for row in plan.rows
+               for w in sub_windows(geometry, 0, row, plan.image_shape[0], sub_tile)}
+    widths = {w.read_stop - w.read_start for col in plan.cols
+              for w in sub_windows(geometry, 1, col, plan.image_shape[1], sub_tile)}
+    return frozenset((h, w) for h in heights for w in widths)

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from tilefcn import __version__
-from tilefcn.infer import scale_input
 from tilefcn.modelio import Scaling, save_bundle
 from tilefcn.models import patch_classifier
 from tilefcn.read import Scan, open_scan, tiff_description
+from tilefcn.runtime.scaling import scale_input
 
 Window = tuple[int, int, int, int]  # y0, x0, h, w
 

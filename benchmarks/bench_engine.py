@@ -1,0 +1,240 @@
+"""The engine against its limits, measured in one run on one JPEG-tiled synthetic slide.
+
+Prints (and saves as JSON + a PNG bar chart):
+
+* raw read + JPEG decode of the slide (2 threads, the reader the tasks use);
+* end to end (``tilefcn.job.run`` → OME-Zarr) with a near-free stride-8 model
+  (``AvgPool2d(8)`` + 1×1 conv; target ≥ 0.9 of decode) and a near-free stride-1 model
+  (1×1 conv, 2 classes, ``--dtype float16``; target ≥ 0.5 of decode);
+* the bundled ``tissue`` model: its in-memory rate per backend (two threads of one torch
+  thread, 1024-px tiles in 256-px halo'd sub-tiles through the engine, no read or write)
+  and end to end with ``--backend auto`` (target ≥ 0.9 of the best backend);
+* the peak RSS of every end-to-end run (each in a fresh process; target flat, < 1.5 GB).
+
+    python benchmarks/bench_engine.py                  # 8192² slide
+    python benchmarks/bench_engine.py --size 4096      # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def near_free(stride: int):
+    """A model that costs almost nothing: the machinery around it is what is measured."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [nn.AvgPool2d(stride)] if stride > 1 else []
+    return nn.Sequential(*layers, nn.Conv2d(3, 2, 1)).eval()
+
+
+def decode_rate(slide: str, threads: int = 2, window: int = 2048) -> float:
+    """MP/s reading + decoding every pixel through the scan's window reader."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tilefcn.read import open_scan
+
+    scan = open_scan(slide)
+    h, w, _ = scan.info.shape
+    boxes = [(slice(y, min(y + window, h)), slice(x, min(x + window, w)))
+             for y in range(0, h, window) for x in range(0, w, window)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda b: np.asarray(scan.reader[b]).sum(dtype=np.uint64), boxes))
+    return h * w / 1e6 / (time.perf_counter() - start)
+
+
+def backend_rates(model_spec: str, seconds: float, names: list[str]) -> dict[str, float]:
+    """In-memory MP/s of each backend through the engine (2 threads × 1 torch thread)."""
+    import numpy as np
+    import torch
+
+    from tilefcn.modelio import as_eval, load_model
+    from tilefcn.plan import plan_tiles
+    from tilefcn.runtime.backends import build_runner, installed
+    from tilefcn.runtime.cache import interior_window
+    from tilefcn.runtime.engine import Engine
+
+    torch.set_num_threads(1)
+    model = load_model(model_spec)
+    g = model.geometry
+    side = 1024 + 2 * 256  # a tile well inside a larger image: interior sub-windows only
+    image_len = side * 3
+    from tilefcn.measure.shapes import output_shape
+
+    out = output_shape(model.module, model.in_channels, (image_len, image_len), g)
+    plan = plan_tiles(g, (image_len, image_len), out[1:], 1024)
+    tile = plan.tile(1, 1)
+    rng = np.random.default_rng(0)
+    window = rng.integers(0, 255, (tile.y.read_stop - tile.y.read_start,
+                                   tile.x.read_stop - tile.x.read_start, 3), dtype=np.uint8)
+    module = as_eval(model.module)
+    example = interior_window(g, 256)[0][0]
+    rates = {}
+    for name in names:
+        if not installed(name):
+            continue
+        engine = Engine(model, build_runner(name, module, torch.device("cpu"),
+                                            in_channels=model.in_channels, example=example),
+                        torch.device("cpu"), name)
+        engine.run_tile(window, tile.y, tile.x, plan.image_shape, 256)  # warm up / compile
+        counts = [0, 0]
+        stop = time.perf_counter() + seconds
+
+        def work(i: int, engine: Engine = engine, stop: float = stop,
+                 counts: list = counts) -> None:
+            while time.perf_counter() < stop:
+                engine.run_tile(window, tile.y, tile.x, plan.image_shape, 256)
+                counts[i] += 1
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        start = time.perf_counter()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        pixels = (tile.y.out_len * g.stride[0]) * (tile.x.out_len * g.stride[1])
+        rates[name] = sum(counts) * pixels / 1e6 / (time.perf_counter() - start)
+    return rates
+
+
+def child(slide: str, out: str, which: str, dtype: str, backend: str) -> None:
+    """In a fresh process: one end-to-end run; prints JSON (rate, seconds, peak RSS)."""
+    from tilefcn.job import run
+
+    model = {"stride8": lambda: near_free(8), "stride1": lambda: near_free(1)}.get(
+        which, lambda: which)()
+    summary = run(slide, model, out, overwrite=True, dtype=dtype, backend=backend,
+                  device="cpu")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mp_per_s": summary.mp_per_s, "seconds": summary.seconds,
+                      "peak_rss_mb": peak_mb, "backend": summary.backend,
+                      "choice": summary.backend_choice}))
+
+
+def end_to_end(slide: Path, workdir: Path, which: str, dtype: str = "float32",
+               backend: str = "auto") -> dict:
+    out = workdir / f"{which}-{dtype}.heatmap.zarr"
+    proc = subprocess.run([sys.executable, __file__, "--child", str(slide), str(out), which,
+                           dtype, backend], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"end-to-end run {which} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def bar_chart(path: Path, bars: list[tuple[str, float, float | None]]) -> bool:
+    """PNG bar chart of MP/s (with target lines); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [b[0] for b in bars]
+    ax.barh(names, [b[1] for b in bars], color="#1f77b4")
+    for i, (_, value, target) in enumerate(bars):
+        ax.text(value, i, f" {value:.1f}", va="center")
+        if target:
+            ax.plot([target, target], [i - 0.4, i + 0.4], color="#d62728", lw=2)
+    ax.invert_yaxis()
+    ax.set_xlabel("MP/s (red: target)")
+    ax.set_title(f"tilefcn engine, {cpu_name()}, {os.cpu_count()} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--workdir", default=None, help="where to write the slide (tmp)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per backend rate")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile "
+                        "(about a minute to compile on 2 cores)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for JSON and PNG")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    from tilefcn.synthetic import write_slide
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilefcn-bench-"))
+    slide = workdir / f"slide{args.size}.ome.tif"
+    if not slide.exists():
+        write_slide(slide, (args.size, args.size), seed=args.size, compression="jpeg")
+    print(f"{cpu_name()}, {os.cpu_count()} cores; slide {args.size}² JPEG-tiled")
+    decode = max(decode_rate(str(slide)) for _ in range(2))
+    print(f"decode (read + JPEG, 2 threads):            {decode:7.1f} MP/s")
+    runs = {
+        "stride8": end_to_end(slide, workdir, "stride8"),
+        "stride1-float16": end_to_end(slide, workdir, "stride1", "float16"),
+        "stride1-float32": end_to_end(slide, workdir, "stride1", "float32"),
+    }
+    names = ["torch", "torch-cl", "onnxruntime"] + (["compile"] if args.compile else [])
+    rates = backend_rates("tissue", args.seconds, names)
+    runs["tissue-auto"] = end_to_end(slide, workdir, "tissue")
+    best = max(rates.values())
+    for key, target in [("stride8", 0.9), ("stride1-float16", 0.5), ("stride1-float32", None)]:
+        r = runs[key]
+        print(f"end to end, near-free {key:16s}    {r['mp_per_s']:7.1f} MP/s  "
+              f"{r['mp_per_s'] / decode:5.2f} of decode"
+              + (f" (target ≥ {target})" if target else "")
+              + f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+    for name, rate in rates.items():
+        print(f"tissue in memory, {name:12s}               {rate:7.1f} MP/s")
+    t = runs["tissue-auto"]
+    print(f"tissue end to end, --backend auto ({t['backend']}) {t['mp_per_s']:7.1f} MP/s  "
+          f"{t['mp_per_s'] / best:5.2f} of the best backend (target ≥ 0.9)  "
+          f"peak RSS {t['peak_rss_mb']:.0f} MB")
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": args.size,
+              "decode_mp_per_s": decode, "end_to_end": runs, "tissue_backends": rates,
+              "ratios": {"stride8_vs_decode": runs["stride8"]["mp_per_s"] / decode,
+                         "stride1_float16_vs_decode":
+                             runs["stride1-float16"]["mp_per_s"] / decode,
+                         "tissue_auto_vs_best_backend": t["mp_per_s"] / best},
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine.json").write_text(json.dumps(result, indent=1))
+    bars = [("decode", decode, None),
+            ("stride-8 e2e", runs["stride8"]["mp_per_s"], 0.9 * decode),
+            ("stride-1 e2e f16", runs["stride1-float16"]["mp_per_s"], 0.5 * decode),
+            ("stride-1 e2e f32", runs["stride1-float32"]["mp_per_s"], None),
+            *[(f"tissue {n}", r, None) for n, r in rates.items()],
+            ("tissue e2e auto", t["mp_per_s"], 0.9 * best)]
+    png = out / "bench_engine.png"
+    saved = bar_chart(png, bars)
+    print(f"saved {out / 'bench_engine.json'}" + (f" and {png}" if saved else
+          " (pip install matplotlib for the PNG chart)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The runtime engine: staged streaming (reads run ahead, memory bounded), batching without
+padding, backends verified against eager torch, the choice recorded, precision, and the
+graph's GPU resource annotations. Exactness is always against the model on the whole image."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from models_zoo import ZOO as SMALL_ZOO
+from models_zoo import random_image, whole_image_output
+
+import tilefcn
+from tilefcn.modelio import load_model
+from tilefcn.plan import plan_tiles
+from tilefcn.runtime import select
+from tilefcn.runtime.backends import installed
+from tilefcn.runtime.cache import _verify, get_engine, make_ref
+from tilefcn.runtime.engine import StageTimes, stream_tiles
+
+torch.set_num_threads(1)
+
+
+def _engine(model, **kw):
+    return get_engine(make_ref(load_model(model), "cpu", **kw))
+
+
+def _plan(model, image, tile):
+    m = load_model(model)
+    from tilefcn.measure.shapes import output_shape
+
+    out = output_shape(m.module, image.shape[2], image.shape[:2], m.geometry)
+    return plan_tiles(m.geometry, image.shape[:2], out[1:], tile)
+
+
+def test_reads_run_ahead_of_compute_and_stay_bounded():
+    model = SMALL_ZOO[1](3)  # unpadded: halo on every side
+    image = random_image(np.random.default_rng(0), (256, 256), 3, "uint8")
+    engine = _engine(model, backend="torch")
+    plan = _plan(model, image, 64)
+    in_flight, most, lock = 0, 0, threading.Lock()
+
+    def read(tile):
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.02)  # a decode that takes time
+        return image[tile.read]
+
+    out = np.full((2, *plan.out_shape), np.nan, np.float32)
+
+    def write(tile, block):
+        nonlocal in_flight
+        out[(slice(None), *tile.out)] = block
+        with lock:
+            in_flight -= 1
+
+    times = StageTimes()
+    done = stream_tiles(engine, plan.tiles(), read, write, image_shape=plan.image_shape,
+                        sub_tile=32, prefetch=2, times=times)
+    assert done == len(plan.tiles()) == 16
+    order = [t.index for t in plan.tiles()]
+    # the read of tile k+1 starts before tile k's compute ends: decode overlaps the model
+    ahead = [times.read[b][0] < times.compute[a][1] for a, b in zip(order, order[1:], strict=False)]
+    assert all(ahead), ahead
+    assert most <= 2 + 2  # prefetch windows + one computing + one being written
+    np.testing.assert_allclose(out, whole_image_output(model, image), rtol=0, atol=1e-5)
+
+
+def test_an_error_in_the_read_stage_stops_the_stream():
+    model = SMALL_ZOO[0](3)
+    image = random_image(np.random.default_rng(1), (128, 128), 3, "uint8")
+    plan = _plan(model, image, 32)
+
+    def read(tile):
+        if tile.index == (1, 1):
+            raise OSError("corrupt tile at (1, 1)")
+        return image[tile.read]
+
+    with pytest.raises(OSError, match="corrupt tile"):
+        stream_tiles(_engine(model, backend="torch"), plan.tiles(), read, lambda t, b: None,
+                     image_shape=plan.image_shape)
+
+
+@pytest.mark.parametrize("build", SMALL_ZOO, ids=[b.__name__ for b in SMALL_ZOO])
+@pytest.mark.parametrize("backend,batch", [("torch", 4), ("onnxruntime", 3), ("auto", 2)])
+def test_backends_and_batches_equal_the_whole_image(build, backend, batch):
+    if backend == "onnxruntime" and not installed("onnxruntime"):
+        pytest.skip("onnxruntime is not installed")  # it is, with the README's commands
+    model = build(3)
+    image = random_image(np.random.default_rng(3), (203, 317), 3, "uint16")
+    expected = whole_image_output(model, image)
+    heatmap = tilefcn.predict(image, model, tile=96, sub_tile=32, device="cpu",
+                              backend=backend, batch=batch)
+    result = heatmap.compute(scheduler="threads")
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
+def test_batches_group_equal_shapes_only():
+    model = SMALL_ZOO[1](3)
+    engine = _engine(model, backend="torch", batch=4)
+    calls = []
+    runner = engine.runner
+    engine.runner = lambda x: calls.append(tuple(x.shape)) or runner(x)
+    image = random_image(np.random.default_rng(4), (150, 150), 3, "uint8")
+    plan = _plan(model, image, 160)
+    (tile,) = plan.tiles()
+    block = engine.run_tile(image[tile.read], tile.y, tile.x, plan.image_shape, 32)
+    engine.runner = runner
+    assert max(c[0] for c in calls) > 1  # interior sub-windows went together
+    for shape in calls:  # never padded: every batch is of one true window shape
+        assert shape[0] <= 4
+    np.testing.assert_allclose(block, whole_image_output(model, image), rtol=0, atol=1e-5)
+
+
+def test_auto_measures_keeps_exact_backends_and_caches_the_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEFCN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(select, "_MEMO", {})
+    model = load_model("tissue")
+    ref = make_ref(model, "cpu")
+    choice = ref.choice
+    assert choice["backend"] in choice["rates_mp_per_s"]
+    assert set(choice["rates_mp_per_s"]) >= {"torch", "torch-cl"}
+    assert all(e <= 1e-5 for name, e in choice["max_error_vs_torch"].items()
+               if name in choice["rates_mp_per_s"])
+    assert (tmp_path / "backends.json").is_file()
+    monkeypatch.setattr(select, "_MEMO", {})  # a new process: read back from disk
+    again = select.choose_backend(
+        ref.token, model.module, in_channels=3, window=(96, 104), out_pixels=1)
+    assert not again.cached  # another window size is another measurement
+    key = next(iter(__import__("json").loads((tmp_path / "backends.json").read_text())))
+    window = tuple(int(v) for v in key.rsplit("|", 1)[1].split("x"))
+    cached = select.choose_backend(ref.token, model.module, in_channels=3, window=window,
+                                   out_pixels=1)
+    assert cached.cached and cached.backend == choice["backend"]
+
+
+def test_a_backend_that_differs_from_torch_is_refused():
+    module = torch.nn.Conv2d(3, 2, 3).eval()
+
+    def reference(x):
+        with torch.inference_mode():
+            return module(x)
+
+    with pytest.raises(ValueError, match="differs from torch"):
+        _verify(lambda x: reference(x) + 1e-3, reference, 3, [(16, 16)], "onnxruntime")
+    assert _verify(reference, reference, 3, [(16, 16), (9, 13)], "onnxruntime") == 0
+
+
+def test_bad_options_are_refused_before_compute():
+    image = np.zeros((64, 64, 3), np.uint8)
+    model = SMALL_ZOO[0](3)
+    for kwargs, match in [({"backend": "tensorrt"}, "unknown backend"),
+                          ({"precision": "fp8"}, "precision must be"),
+                          ({"batch": 0}, "batch must be"),
+                          ({"device": "tpu"}, "unknown device")]:
+        with pytest.raises(ValueError, match=match):
+            tilefcn.predict(image, model, **kwargs)
+
+
+def test_reduced_precision_runs_and_reports_its_error():
+    model = SMALL_ZOO[0](3)
+    image = random_image(np.random.default_rng(5), (96, 96), 3, "uint8")
+    expected = whole_image_output(model, image)
+    out = tilefcn.predict(image, model, device="cpu", precision="bf16").compute()
+    error = float(np.abs(out - expected).max())
+    assert 0 < error < 0.05  # bf16 is not exact, but close
+
+
+def test_cuda_runs_carry_gpu_resources(tmp_path):
+    from tilefcn import job
+    from tilefcn.graph import plan_prediction
+    from tilefcn.write import create_ome_zarr
+
+    model = SMALL_ZOO[0](3)
+    image = random_image(np.random.default_rng(6), (128, 128), 3, "uint8")
+    prediction = plan_prediction(image, model, tile=64, device="cuda", local=False)
+    assert prediction.ref.device == "cuda"  # not resolved here: a CPU-only client is fine
+    array = create_ome_zarr(tmp_path / "h.zarr", shape=(2, *prediction.plan.out_shape),
+                            chunks=(64, 64), scale=(1, 1), translation=(0, 0), unit=None,
+                            attrs={})
+    graph, writes, pyramid = job._zarr_graph(prediction, tmp_path / "h.zarr", array,
+                                             "float32", set(), 2, gpu_resources=True)
+    annotated = {name: layer.annotations for name, layer in graph.layers.items()}
+    write_layer = writes[0][0]
+    assert annotated[write_layer] == {"resources": {"GPU": 1}}
+    pyramid_layers = [name for name in annotated if "pyramid" in name]
+    assert pyramid_layers and not any(annotated[name] for name in pyramid_layers)
+    graph, *_ = job._zarr_graph(prediction, tmp_path / "h.zarr", array, "float32", set(), 2,
+                                gpu_resources=False)
+    assert not any(layer.annotations for layer in graph.layers.values())
+
+
+def test_gpu_cluster_gives_each_process_its_own_device():
+    from distributed import Client
+
+    from tilefcn.fleet import gpu_cluster
+    from tilefcn.job import _has_gpu_workers
+
+    with gpu_cluster(2, threads=1, require_cuda=False) as cluster, \
+            Client(cluster, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["0", "1"]
+        assert _has_gpu_workers(client)
+
+
+def test_run_records_backend_and_dtype_and_pyramid(tmp_path):
+    from tilefcn.job import run
+
+    model = SMALL_ZOO[3](3)  # dilated: stride 1, so the heatmap has pyramid levels
+    image = random_image(np.random.default_rng(7), (600, 540), 3, "uint8")
+    path = tmp_path / "scan.tif"
+    import tifffile
+
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb")
+    expected = whole_image_output(model, image)
+    for dtype, atol in [("float32", 1e-5), ("float16", 2e-3), ("uint8", 0.5 / 255 + 1e-6)]:
+        out = tmp_path / f"{dtype}.zarr"
+        run(path, model, out, tile=128, dtype=dtype, device="cpu")
+        group = zarr.open_group(str(out), mode="r")
+        meta = group.attrs["tilefcn"]
+        assert meta["status"] == "complete" and meta["job"]["dtype"] == dtype
+        assert meta["job"]["backend_choice"]["backend"]
+        level0 = group["0"][:]
+        assert level0.dtype == np.dtype(dtype)
+        scale = 255.0 if dtype == "uint8" else 1.0
+        probs = np.clip(expected, 0, 1) if dtype == "uint8" else expected
+        np.testing.assert_allclose(level0.astype(np.float64) / scale, probs, rtol=0,
+                                   atol=atol)
+        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+        assert [d["path"] for d in datasets] == ["0", "1", "2"]
+        if dtype == "float32":  # level 1 is the 2×2 mean of level 0, built on the workers
+            c, h, w = level0.shape
+            quads = level0[:, :h // 2 * 2, :w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2)
+            np.testing.assert_allclose(group["1"][:, :h // 2, :w // 2],
+                                       quads.mean(axis=(2, 4)), rtol=1e-6, atol=1e-6)
+
+
+def test_a_backend_that_fails_off_its_traced_shape_is_refused_or_passed_over(tmp_path):
+    from zoo import ZOO
+
+    from tilefcn.modelio import save_exported
+
+    entry = next(e for e in ZOO if e.id == "unet_d2_bilinear_same")
+    model = entry.make()
+    # an ExportedProgram: its ONNX export keeps the traced sizes of the skip connections
+    program = save_exported(tmp_path / "unet.pt2", load_model(model))
+    image = random_image(np.random.default_rng(3), (150, 201), entry.in_channels, "uint8")
+    with pytest.raises(ValueError, match="backend 'onnxruntime' fails on a"):
+        tilefcn.predict(image, program, tile=64, sub_tile=32, device="cpu",
+                        backend="onnxruntime")
+    heatmap = tilefcn.predict(image, program, tile=64, sub_tile=32, device="cpu")
+    np.testing.assert_allclose(heatmap.compute(), whole_image_output(model, image), rtol=0,
+                               atol=1e-5)

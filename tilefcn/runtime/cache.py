@@ -1,0 +1,230 @@
+"""The worker-side model cache: what a task carries (:class:`ModelRef`) and what each process
+builds from it once (:func:`get_engine`): the device resolved *here*, the model loaded and
+copied onto it, the backend chosen or verified, all cached by model fingerprint, device,
+backend and precision, with a bounded cache (a long-lived worker sees many models).
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tilefcn.geometry import Geometry
+from tilefcn.measure.shapes import copy_module
+from tilefcn.modelio import Model, as_eval, load_model
+from tilefcn.plan import AxisWindow, axis_window, output_chunk_len
+from tilefcn.runtime.backends import CHOICES, build_runner
+from tilefcn.runtime.device import (
+    check_device_name,
+    check_precision,
+    exact_math,
+    resolve_device,
+)
+from tilefcn.runtime.engine import DEFAULT_BATCH, DEFAULT_SUB_TILE, Engine
+from tilefcn.runtime.select import ATOL, Choice, choose_backend
+
+CACHE_MAX = 8
+
+
+@dataclass
+class ModelRef:
+    """What a dask task carries to find its model: a token into the per-process cache, how to
+    reload it (``spec``) and, for in-memory modules only, the :class:`Model` itself.
+
+    ``device`` is the *requested* device (``auto``, ``cpu``, ``cuda``, ``cuda:N``): it is
+    resolved on the worker that runs the model. Pickling drops the model when a ``spec`` can
+    reload it (ExportedPrograms cannot be pickled), so workers load each model once.
+    """
+
+    token: str
+    spec: str | None
+    device: str
+    torch_threads: int | None
+    model: Model | None = None
+    geometry: Geometry | None = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch: int | None = None
+    sub_tile: int | None = None
+    shapes: frozenset = frozenset()  # every sub-window shape of the plan (backend checks)
+    choice: dict | None = field(default=None, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.spec is not None:
+            state["model"] = None
+        elif self.model is not None:  # the user's own in-memory module, shipped by value
+            import cloudpickle
+
+            try:
+                state["model"] = cloudpickle.dumps(self.model)
+            except Exception as exc:  # noqa: BLE001 - any pickling failure means the same
+                raise TypeError(
+                    f"model {self.model.name!r} cannot be sent to worker processes ({exc}); "
+                    "save it (tilefcn.save_bundle, or torch.export.save for an ExportedProgram) "
+                    "and pass the path instead") from None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("model"), bytes):
+            state["model"] = pickle.loads(state["model"])
+        self.__dict__.update(state)
+
+
+def make_ref(model: Model, device: str = "auto", torch_threads: int | None = None, *,
+             backend: str = "auto", precision: str = "fp32", batch: int | None = None,
+             sub_tile: int | None = None, shapes: frozenset = frozenset(),
+             local: bool = True) -> ModelRef:
+    """A :class:`ModelRef` for ``model``.
+
+    ``local``: the model runs in this process (threaded scheduler), so the device is resolved
+    and the engine built here at once (errors surface before any compute, and the backend
+    choice is known for the output's attributes). For a cluster only the spelling of the
+    options is checked here: workers resolve ``device="cuda"`` on their own GPUs.
+    ``shapes``: the sub-window shapes the plan will run (:func:`tilefcn.plan.sub_window_shapes`);
+    a backend other than eager torch is used only if it matches torch on every one.
+    ``torch_threads`` defaults to 1 on CPU: one torch thread per dask thread (DESIGN §5).
+    """
+    check_device_name(device)
+    check_precision(precision)
+    if backend not in CHOICES:
+        raise ValueError(f"unknown backend {backend!r} (use {', '.join(CHOICES)})")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
+                              or batch < 1):
+        raise ValueError(f"batch must be a positive whole number, got {batch!r}")
+    if local and torch_threads is None and resolve_device(device).type == "cpu":
+        torch_threads = 1
+    ref = ModelRef(f"{model.fingerprint or model.sha256}:{model.spec}", model.spec,
+                   str(device), torch_threads, model, model.geometry, backend, precision,
+                   batch, sub_tile, frozenset(shapes))
+    if local:
+        ref.choice = get_engine(ref).choice
+    return ref
+
+
+_CACHE: dict[tuple, Engine] = {}
+_LOCK = threading.Lock()
+
+
+def interior_window(geometry: Geometry, sub_tile: int) -> tuple[tuple[int, int], int]:
+    """Input shape of an interior sub-window of ``sub_tile`` px, and the input pixels its
+    outputs cover (``out_len · stride`` per axis)."""
+    shape, covered = [], 1
+    for axis in (0, 1):
+        step = output_chunk_len(geometry, axis, sub_tile)
+        far = (step * 8 + 8) * geometry.stride[axis] + sum(geometry.halo(axis)) * 2 + sub_tile
+        w: AxisWindow = axis_window(geometry, axis, step * 4, step * 5, far)
+        shape.append(w.read_stop - w.read_start)
+        covered *= step * geometry.stride[axis]
+    return (shape[0], shape[1]), covered
+
+
+def _smaller_window(geometry: Geometry, window: tuple[int, int]) -> tuple[int, int]:
+    """A second, non-square shape for checking a backend off the traced size."""
+    out = []
+    for axis, edge in enumerate(window):
+        a = geometry.alignment[axis]
+        least = max(geometry.min_input[axis], geometry.border[axis], 1)
+        out.append(max(least, edge - a * max(1, (edge // 3) // a) * (axis + 1)))
+    return out[0], out[1]
+
+
+def _verify(runner, reference, in_channels: int, shapes: list[tuple[int, int]],
+            name: str, batch: int = 1) -> float:
+    """Max error of ``runner`` vs eager torch on random inputs of ``shapes`` (the first one
+    also as a batch of ``min(batch, 2)``); ValueError when any exceeds
+    ``ATOL · max(1, |ref|)``, the output shapes differ or the backend fails."""
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for k, shape in enumerate(shapes):
+        x = torch.rand(min(batch, 2) if k == 0 else 1, in_channels, *shape, generator=gen)
+        want = reference(x).float()
+        try:
+            got = runner(x).float()
+        except Exception as exc:  # noqa: BLE001 - a backend failing on a shape is refused
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ValueError(f"backend {name!r} fails on a {shape[0]}x{shape[1]} window of "
+                             f"this model: {first} (use --backend torch)") from None
+        if got.shape != want.shape:
+            raise ValueError(f"backend {name!r} gives output {tuple(got.shape)} where torch "
+                             f"gives {tuple(want.shape)} for this model (use --backend torch)")
+        err = float((got.cpu() - want.cpu()).abs().max())
+        if err > ATOL * max(1.0, float(want.abs().max())):
+            raise ValueError(f"backend {name!r} differs from torch by {err:.2g} on this model "
+                             "(more than 1e-5; use --backend torch)")
+        worst = max(worst, err)
+    return worst
+
+
+def _build(ref: ModelRef, device: torch.device) -> Engine:
+    exact_math()
+    model = ref.model or load_model(ref.spec, geometry=ref.geometry)
+    module = as_eval(copy_module(model.module)).to(device)
+    sub_tile = ref.sub_tile or DEFAULT_SUB_TILE.get(device.type, 256)
+    window, covered = interior_window(model.geometry, sub_tile)
+    channels = model.in_channels
+    batch = ref.batch or DEFAULT_BATCH.get(device.type, 1)
+    shapes = sorted(ref.shapes or {window, _smaller_window(model.geometry, window)})
+    reference = build_runner("torch", module, device, in_channels=channels, example=window[0])
+    threads = ref.torch_threads or 1  # one intra-op thread per dask thread by default
+
+    def checked(name: str):
+        runner = build_runner(name, module, device, in_channels=channels,
+                              example=window[0], threads=threads)
+        if name not in ("torch", "torch-cl"):  # another implementation: check every shape
+            errors[name] = _verify(runner, reference, channels, shapes, name, batch)
+        return runner
+
+    errors: dict = {}
+    if ref.backend == "auto" and device.type == "cpu" and ref.precision == "fp32":
+        measured = choose_backend(ref.token, module, in_channels=channels, window=window,
+                                  out_pixels=covered)
+        rejected: dict = {}
+        for name in sorted(measured.rates, key=measured.rates.get, reverse=True):
+            try:
+                runner = checked(name)
+                break
+            except ValueError as exc:
+                rejected[name] = str(exc)
+        else:
+            name, runner = "torch-cl", checked("torch-cl")
+        choice = Choice(name, measured.rates, {**measured.errors, **errors}, measured.cached,
+                        rejected)
+    else:
+        name = "torch-cl" if ref.backend in ("auto", "torch") else ref.backend
+        runner = checked(name)  # asked for by name: exact on every shape, or refused
+        choice = Choice(name, {}, errors)
+    return Engine(model, runner, device, name, ref.precision, batch, choice.to_dict())
+
+
+def get_engine(ref: ModelRef) -> Engine:
+    """This process's :class:`Engine` for ``ref`` (built on first use, then cached)."""
+    device = resolve_device(ref.device)
+    key = (ref.token, str(device), ref.backend, ref.precision, ref.batch, ref.sub_tile,
+           hash(ref.shapes))
+    with _LOCK:
+        engine = _CACHE.get(key)
+        if engine is None:
+            engine = _build(ref, device)
+            if len(_CACHE) >= CACHE_MAX:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = engine
+    threads = ref.torch_threads or 1
+    if device.type == "cpu" and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # process-wide: one torch thread per dask thread
+    return engine
+
+
+def cached_engines() -> int:
+    """How many engines this process holds (for tests and worker reports)."""
+    return len(_CACHE)
+
+
+def run_tile(ref: ModelRef, window: np.ndarray, y: AxisWindow, x: AxisWindow,
+             image_shape: tuple[int, int], sub_tile: int | None = None) -> np.ndarray:
+    """Task entry: heatmap block ``(C, y.out_len, x.out_len)`` float32 for one tile."""
+    return get_engine(ref).run_tile(window, y, x, image_shape, sub_tile or ref.sub_tile)

@@ -1,0 +1,178 @@
+"""The engine that runs a model over tiles on one worker.
+
+One tile (:meth:`Engine.run_tile`): the tile's window is split into halo'd sub-windows
+(:func:`tilefcn.plan.sub_windows`); sub-windows of equal shape are stacked into batches of up
+to ``batch`` (never padded: border windows of another shape run on their own, so results stay
+exact); each batch goes up as raw pixels, is scaled, run and cropped on the device, and comes
+back through the device's transfer lane (:mod:`tilefcn.runtime.device`). Every sub-result is
+checked against the shape the geometry promises (dask does not check block shapes).
+
+Many tiles (:func:`stream_tiles`): a staged pipeline — reads run ahead of the device on a
+thread pool through a bounded queue (``prefetch`` windows in memory at most), the device stage
+runs tiles in order, and writes run on a thread of their own. Decode, compute and write
+overlap; memory is bounded by ``prefetch`` + 2 tiles.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tilefcn.modelio import Model
+from tilefcn.plan import AxisWindow, Tile, sub_windows
+from tilefcn.runtime.device import autocast, lane_for
+from tilefcn.runtime.scaling import scale_input, scale_tensor
+
+DEFAULT_SUB_TILE = {"cpu": 256, "cuda": 1024}
+DEFAULT_BATCH = {"cpu": 1, "cuda": 8}
+_TORCH_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64)
+
+
+@dataclass
+class Engine:
+    """A model ready on a device with a backend: ``run_tile`` turns windows into blocks."""
+
+    model: Model
+    runner: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    backend: str
+    precision: str = "fp32"
+    batch: int = 1
+    choice: dict = field(default_factory=dict)  # what --backend auto measured (attrs, -v)
+
+    def _batches(self, rows: list[AxisWindow], cols: list[AxisWindow]) -> list[list]:
+        groups: dict[tuple[int, int], list] = collections.defaultdict(list)
+        for sy in rows:
+            for sx in cols:
+                groups[(sy.read_stop - sy.read_start, sx.read_stop - sx.read_start)].append(
+                    (sy, sx))
+        return [items[i:i + self.batch] for items in groups.values()
+                for i in range(0, len(items), self.batch)]
+
+    def _prepare(self, stack: np.ndarray) -> torch.Tensor:
+        """Raw ``(B, h, w, C)`` pixels → scaled float32 ``(B, C, h, w)`` on the device."""
+        if stack.dtype.type in _TORCH_DTYPES:
+            return scale_tensor(self.lane.upload(stack), stack.dtype, self.model.scaling)
+        x = np.ascontiguousarray(scale_input(stack, self.model.scaling).transpose(0, 3, 1, 2))
+        return self.lane.upload(x)
+
+    @property
+    def lane(self) -> Any:
+        return lane_for(self.device)
+
+    def run_tile(self, window: np.ndarray, y: AxisWindow, x: AxisWindow,
+                 image_shape: tuple[int, int], sub_tile: int | None = None) -> np.ndarray:
+        """Heatmap block ``(C, y.out_len, x.out_len)`` float32 for one tile of the plan.
+
+        ``window`` holds input rows ``y.read`` × cols ``x.read`` (channels last).
+        """
+        expected_read = (y.read_stop - y.read_start, x.read_stop - x.read_start)
+        if window.shape[:2] != expected_read:
+            raise RuntimeError(f"read {window.shape[:2]} input pixels for a window of "
+                               f"{expected_read}")
+        sub_tile = sub_tile or DEFAULT_SUB_TILE.get(self.device.type, 256)
+        geometry, classes = self.model.geometry, len(self.model.classes)
+        rows = sub_windows(geometry, 0, y, image_shape[0], sub_tile)
+        cols = sub_windows(geometry, 1, x, image_shape[1], sub_tile)
+        out = np.empty((classes, y.out_len, x.out_len), np.float32)
+        lane, pending = self.lane, []
+        with lane.stream(), autocast(self.device, self.precision):
+            for items in self._batches(rows, cols):
+                stack = np.stack([window[sy.read, sx.read] for sy, sx in items])
+                result = self.runner(self._prepare(stack))
+                for k, (sy, sx) in enumerate(items):
+                    block = result[k, :, sy.crop, sx.crop]
+                    want = (classes, sy.out_len, sx.out_len)
+                    if tuple(block.shape) != want:
+                        raise RuntimeError(
+                            f"model output {tuple(result.shape[1:])} on an input window of "
+                            f"{stack.shape[1:3]} px cannot be cropped to {want}: the model's "
+                            f"geometry {geometry} is wrong")
+                    pending.append((sy, sx, lane.download(block.float())))
+        for sy, sx, handle in pending:  # downloads were queued; wait for each in turn
+            out[:, sy.out_start - y.out_start:sy.out_stop - y.out_start,
+                sx.out_start - x.out_start:sx.out_stop - x.out_start] = lane.fetch(handle)
+        return out
+
+
+Read = Callable[[Tile], np.ndarray]
+Write = Callable[[Tile, np.ndarray], Any]
+
+
+@dataclass
+class StageTimes:
+    """When each stage ran, per tile index (seconds, ``time.perf_counter``)."""
+
+    read: dict = None  # type: ignore[assignment]
+    compute: dict = None  # type: ignore[assignment]
+    write: dict = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.read, self.compute, self.write = {}, {}, {}
+
+
+def stream_tiles(engine: Engine, tiles: Iterable[Tile], read: Read, write: Write, *,
+                 image_shape: tuple[int, int], sub_tile: int | None = None,
+                 prefetch: int = 2, times: StageTimes | None = None) -> int:
+    """Run ``tiles`` through read → device → write with the stages overlapping.
+
+    At most ``prefetch`` windows are read ahead of the device (a bounded queue), and at most
+    one block waits for the writer while the next tile computes. Returns tiles written.
+    An error in any stage stops the stream and is raised here.
+    """
+    tiles = list(tiles)
+    if not tiles:
+        return 0
+    times = times or StageTimes()
+
+    def timed_read(tile: Tile) -> np.ndarray:
+        start = time.perf_counter()
+        window = read(tile)
+        times.read[tile.index] = (start, time.perf_counter())
+        return window
+
+    def timed_write(tile: Tile, block: np.ndarray) -> None:
+        start = time.perf_counter()
+        write(tile, block)
+        times.write[tile.index] = (start, time.perf_counter())
+
+    readers = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="tilefcn-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="tilefcn-write")
+    queue: collections.deque[tuple[Tile, Future]] = collections.deque()
+    last_write: Future | None = None
+    todo = iter(tiles)
+    try:
+        for tile in todo:
+            queue.append((tile, readers.submit(timed_read, tile)))
+            if len(queue) >= prefetch:
+                break
+        while queue:
+            tile, future = queue.popleft()
+            window = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, readers.submit(timed_read, nxt)))
+            start = time.perf_counter()
+            block = engine.run_tile(window, tile.y, tile.x, image_shape, sub_tile)
+            times.compute[tile.index] = (start, time.perf_counter())
+            del window
+            if last_write is not None:
+                last_write.result()  # one block in the writer's hands at a time
+            last_write = writer.submit(timed_write, tile, block)
+        if last_write is not None:
+            last_write.result()
+    finally:
+        for _, future in queue:
+            future.cancel()
+        readers.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+    return len(tiles)
+
+

@@ -1,0 +1,46 @@
+"""Input scaling, one formula in two places: numpy (training, references) and torch (on the
+device, after a uint8/uint16 upload, so host → device moves 1–2 bytes a pixel, not 4).
+
+``x / divisor`` (``"dtype"``: an integer dtype's maximum, floats unchanged), then
+``(x - mean) / std`` per channel when the model has them. Both are float32 throughout, in
+the same order, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tilefcn.modelio import Scaling
+
+
+def _divisor(dtype: np.dtype, scaling: Scaling) -> float | None:
+    if scaling.divisor == "dtype":
+        return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else None
+    return None if scaling.divisor in (None, 1, 1.0) else float(scaling.divisor)
+
+
+def scale_input(window: np.ndarray, scaling: Scaling) -> np.ndarray:
+    """Float32 ``(..., C)`` copy of ``window`` scaled as the model expects."""
+    x = window.astype(np.float32, copy=True)
+    divisor = _divisor(window.dtype, scaling)
+    if divisor is not None:
+        x /= np.float32(divisor)
+    if scaling.mean is not None:
+        x -= np.asarray(scaling.mean, np.float32)
+    if scaling.std is not None:
+        x /= np.asarray(scaling.std, np.float32)
+    return x
+
+
+def scale_tensor(batch: torch.Tensor, dtype: np.dtype, scaling: Scaling) -> torch.Tensor:
+    """``(B, h, w, C)`` raw pixels (of numpy ``dtype``) → float32 ``(B, C, h, w)``, scaled."""
+    x = batch.to(torch.float32)
+    divisor = _divisor(np.dtype(dtype), scaling)
+    if divisor is not None:
+        x = x / torch.tensor(divisor, dtype=torch.float32, device=x.device)
+    if scaling.mean is not None:
+        x = x - torch.tensor(scaling.mean, dtype=torch.float32, device=x.device)
+    if scaling.std is not None:
+        x = x / torch.tensor(scaling.std, dtype=torch.float32, device=x.device)
+    return x.permute(0, 3, 1, 2)

@@ -1,0 +1,149 @@
+"""``--backend auto``: measure the installed backends on sub-tiles of this model, keep those
+within 1e-5 of eager torch, use the fastest. The choice is cached per model, machine and
+sub-tile shape (in this process and in ``$TILEFCN_CACHE_DIR/backends.json``).
+
+``torch.compile`` is not among the candidates: compiling the bundled `tissue` model took 57 s
+(and 18 s more per new window shape) on a 2-core host, far beyond a few seconds at start, for
+1.25× over channels_last eager. Ask for it with ``--backend compile``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tilefcn.runtime.backends import build_runner, installed
+
+AUTO_CANDIDATES = ("torch", "torch-cl", "onnxruntime")
+ATOL = 1e-5
+#: Seconds each candidate is timed for (after a warm-up call).
+MEASURE_SECONDS = 0.6
+_MEMO: dict[str, dict] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend used and what was measured (MP/s per candidate; errors vs eager torch)."""
+
+    backend: str
+    rates: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    cached: bool = False
+    rejected: dict = field(default_factory=dict)  # backend → why it was not used
+
+    def to_dict(self) -> dict:
+        out = {"backend": self.backend, "rates_mp_per_s": self.rates,
+               "max_error_vs_torch": self.errors}
+        return {**out, "rejected": self.rejected} if self.rejected else out
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("TILEFCN_CACHE_DIR") or Path.home() / ".cache" / "tilefcn"
+    return Path(root) / "backends.json"
+
+
+def machine_id() -> str:
+    """What a measured choice is valid for: CPU, cores, torch and ONNX Runtime versions."""
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "none"
+    return "|".join([platform.machine(), platform.processor() or _cpu_model(),
+                     str(os.cpu_count()), torch.__version__, ort])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _load_disk() -> dict:
+    try:
+        data = json.loads(_cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk(key: str, value: dict) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load_disk()
+        data[key] = value
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choice is still memoised in this process
+
+
+def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
+    runner(x)  # warm up (allocations, ONNX Runtime's first-run optimisation)
+    calls, start = 0, time.perf_counter()
+    while True:
+        runner(x)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or calls >= 50:
+            return calls * pixels / 1e6 / elapsed
+
+
+def choose_backend(key: str, module: nn.Module, *, in_channels: int,
+                   window: tuple[int, int], out_pixels: int, budget: float | None = None) -> Choice:
+    """Measure ``AUTO_CANDIDATES`` on a random ``window``-sized input (``out_pixels`` input
+    pixels are produced per call) and return the fastest one within :data:`ATOL` of eager
+    NCHW torch. ``key`` identifies the model (fingerprint/sha256)."""
+    cache_key = f"{key}|{machine_id()}|{window[0]}x{window[1]}"
+    with _LOCK:
+        hit = _MEMO.get(cache_key) or _load_disk().get(cache_key)
+        if hit and hit.get("backend") in AUTO_CANDIDATES and installed(hit["backend"]):
+            _MEMO[cache_key] = hit
+            return Choice(hit["backend"], hit.get("rates", {}), hit.get("errors", {}), True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # measured as tasks run them: one torch thread per task
+        try:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.rand(1, in_channels, *window, generator=gen)
+            reference = build_runner("torch", module, torch.device("cpu"),
+                                     in_channels=in_channels, example=window[0])(x).float()
+            scale = max(1.0, float(reference.abs().max()))
+            rates, errors = {}, {}
+            for name in AUTO_CANDIDATES:
+                if not installed(name):
+                    continue
+                try:
+                    runner = build_runner(name, module, torch.device("cpu"),
+                                          in_channels=in_channels, example=window[0])
+                    out = runner(x).float()
+                except Exception:  # noqa: BLE001,S112 - a backend that cannot run is no candidate
+                    continue
+                if out.shape != reference.shape:
+                    continue
+                errors[name] = float((out - reference).abs().max())
+                if errors[name] <= ATOL * scale:
+                    rates[name] = round(_rate(runner, x, out_pixels,
+                                              budget or MEASURE_SECONDS), 2)
+        finally:
+            torch.set_num_threads(threads)
+        best = max(rates, key=rates.get) if rates else "torch-cl"
+        value = {"backend": best, "rates": rates, "errors": errors}
+        _MEMO[cache_key] = value
+        _save_disk(cache_key, value)
+        return Choice(best, rates, errors)
