@@ -99,6 +99,7 @@ def main() -> None:
     from tilefcn.synthetic import write_slide
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilefcn-gpu-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     slide = workdir / f"slide{args.size}.ome.tif"
     if not slide.exists():
         write_slide(slide, (args.size, args.size), seed=args.size, compression="jpeg")

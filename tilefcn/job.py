@@ -18,6 +18,7 @@ from typing import Any
 
 import dask
 import dask.threaded
+import zarr
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
@@ -102,6 +103,12 @@ def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any
     }
 
 
+def _pyramid_levels(out: Path) -> int:
+    """How many pyramid arrays the run created (``"1"``, ``"2"``, …)."""
+    names = set(zarr.open_group(out, mode="r", zarr_format=3).array_keys())
+    return max([0, *(int(n) for n in names if n.isdigit())])
+
+
 def _group_size(tiles: int, workers: int) -> int:
     """Tiles per write task: enough tasks to keep every worker busy (≥ 4 each), at most 8."""
     return max(1, min(8, tiles // (4 * max(1, workers))))
@@ -116,18 +123,22 @@ def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip:
     """
     token = prediction.name.rsplit("-", 1)[-1]
     name = f"tilefcn-write-{token}"
-    sink_d = dask.delayed(ZarrSink(array, dtype), name=f"{name}-sink", traverse=False)
+    chunks = array.chunks[1:]
+    half = chunks[0] % 2 == 0 and chunks[1] % 2 == 0  # level 1 written with level 0
+    levels = plan_levels(array.shape, chunks, half_first=half)
+    create_levels(out, levels, dtype)
+    level1 = (zarr.open_array(out, path="1", mode="r+", zarr_format=3)
+              if half and levels else None)
+    sink_d = dask.delayed(ZarrSink(array, dtype, level1), name=f"{name}-sink", traverse=False)
     todo = prediction.plan.grid[0] * prediction.plan.grid[1] - len(skip)
     layer, writer = prediction.write_layer(sink_d.key, skip, _group_size(todo, workers), name)
     annotations = {"resources": {"GPU": 1}} if gpu_resources else {}
     with dask.annotate(**annotations):
         graph = HighLevelGraph.from_collections(
             name, layer, dependencies=[*prediction.dependencies, sink_d])
-    levels = plan_levels(array.shape, array.chunks[1:])
-    create_levels(out, levels, dtype)
-    pyramid, pyramid_keys = pyramid_layer(str(out), levels, array.chunks[1:],
-                                          prediction.plan.grid, writer,
-                                          f"tilefcn-pyramid-{token}", dtype)
+    pyramid, pyramid_keys = pyramid_layer(str(out), levels, chunks, prediction.plan.grid,
+                                          writer, f"tilefcn-pyramid-{token}", dtype,
+                                          level1=writer if level1 is not None else None)
     layers = {**graph.layers, f"tilefcn-pyramid-{token}": MaterializedLayer(pyramid)}
     deps = {**graph.dependencies, f"tilefcn-pyramid-{token}": {name}}
     return HighLevelGraph(layers, deps), list(layer), pyramid_keys
@@ -256,7 +267,7 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
     _compute(graph, writes + pyramid, client, counted=writes, workers=workers,
              progress=progress, total=tiles, done=len(skip))
-    finish_ome_zarr(out, levels=len(plan_levels(array.shape, array.chunks[1:])))
+    finish_ome_zarr(out, levels=_pyramid_levels(out))
     return len(resumed - prediction.masked)
 
 

@@ -26,8 +26,8 @@ import dask.threaded
 import numpy as np
 import zarr
 
-__all__ = ["Level", "build_pyramid", "create_levels", "plan_levels", "pyramid_layer",
-           "reduce_chunk", "source_range"]
+__all__ = ["Level", "build_pyramid", "create_levels", "level1_block", "plan_levels",
+           "pyramid_layer", "reduce_chunk", "source_range"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +46,24 @@ class Level:
 
 
 def plan_levels(shape: tuple[int, int, int], chunks: tuple[int, int],
-                min_size: int = 256) -> list[Level]:
+                min_size: int = 256, *, half_first: bool = False) -> list[Level]:
     """Levels 1..n of a level-0 array of ``shape`` ``(c, h, w)`` and spatial ``chunks``.
 
     Halve (ceil) while the smaller side of the previous level is ``≥ max(min_size, 2)``;
     chunk = ``min(previous chunk, new size)`` per axis. Empty for small images.
+    ``half_first`` (even level-0 chunks only): level 1 has chunks ``(cy/2, cx/2)``, so each
+    of its chunks is the 2×2 mean of exactly one level-0 chunk and the task writing that
+    chunk writes it too (:func:`level1_block`), without reading level 0 back.
     """
     c, h, w = (int(v) for v in shape)
     cy, cx = (int(v) for v in chunks)
+    if half_first and (cy % 2 or cx % 2):
+        raise ValueError(f"half_first needs even level-0 chunks, got {(cy, cx)}")
     out: list[Level] = []
     while min(h, w) >= max(min_size, 2):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if half_first and not out:
+            cy, cx = cy // 2, cx // 2
         cy, cx = min(cy, h), min(cx, w)
         out.append(Level(len(out) + 1, (c, h, w), (cy, cx)))
     return out
@@ -69,24 +76,34 @@ def source_range(y0: int, extent: int, src_chunk: int, src_grid: int) -> range:
 
 
 def _mean2x2(block: np.ndarray) -> np.ndarray:
-    """NaN-aware 2×2 mean (float64) of a (C, h, w) block; odd edges average what exists."""
+    """NaN-aware 2×2 mean (float32) of a (C, h, w) block; odd edges average what exists.
+
+    The common case (no NaN in a quad) is four strided adds; only blocks with NaN (masked
+    tiles, odd edges) take the counting path.
+    """
     c, h, w = block.shape
-    pad = np.full((c, h + h % 2, w + w % 2), np.nan, dtype=np.float64)
-    pad[:, :h, :w] = block
-    quads = pad.reshape(c, pad.shape[1] // 2, 2, pad.shape[2] // 2, 2)
+    x = block.astype(np.float32, copy=False)
+    if h % 2 or w % 2:
+        pad = np.full((c, h + h % 2, w + w % 2), np.nan, dtype=np.float32)
+        pad[:, :h, :w] = x
+        x = pad
+    total = x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]
+    if not np.isnan(total).any():
+        return total * np.float32(0.25)
+    quads = x.reshape(c, x.shape[1] // 2, 2, x.shape[2] // 2, 2)
     valid = ~np.isnan(quads)
-    total = np.where(valid, quads, 0.0).sum(axis=(2, 4))
-    count = valid.sum(axis=(2, 4))
+    total = np.where(valid, quads, np.float32(0)).sum(axis=(2, 4), dtype=np.float32)
+    count = valid.sum(axis=(2, 4), dtype=np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan)
+        return np.where(count > 0, total / count, np.float32(np.nan))
 
 
 def _cast(mean: np.ndarray, dtype: str) -> np.ndarray:
-    """A float64 mean as stored: uint8 ``round(mean)``, float16 / float32 cast."""
+    """A float32 mean as stored: uint8 ``round(mean)``, float16 / float32 cast."""
     if dtype == "uint8":
         return np.round(mean).astype(np.uint8)
     if dtype in ("float16", "float32"):
-        return mean.astype(dtype)
+        return mean.astype(dtype, copy=False)
     raise ValueError(f"unknown output dtype {dtype!r}")
 
 
@@ -121,9 +138,15 @@ def reduce_chunk(path: str, level: int, y0: int, x0: int, cy: int, cx: int, dtyp
     return 1
 
 
+def level1_block(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Level-1 values of one level-0 block as stored (``block`` already of ``dtype``):
+    the same 2×2 mean and cast as :func:`reduce_chunk`."""
+    return _cast(_mean2x2(block), dtype)
+
+
 def pyramid_layer(path: str, levels: list[Level], level0_chunks: tuple[int, int],
                   level0_grid: tuple[int, int], deps: dict[tuple[int, int], Any], name: str,
-                  dtype: str) -> tuple[dict, list]:
+                  dtype: str, level1: dict | None = None) -> tuple[dict, list]:
     """A raw dask graph layer computing every chunk of ``levels`` (from :func:`plan_levels`).
 
     Task ``(f"{name}-{L}", i, j)`` is ``reduce_chunk(path, L, i·cy, j·cx, cy, cx, dtype,
@@ -132,8 +155,12 @@ def pyramid_layer(path: str, levels: list[Level], level0_chunks: tuple[int, int]
     never written, no dependency; a key shared by several chunks is listed once). Every key
     in ``deps`` must be in the graph computed with this layer (dask reads an unknown key as
     a literal, so ordering would be lost).
+    ``level1`` (levels from ``plan_levels(half_first=True)``): level-1 chunk → key of the
+    task that already writes it with its level-0 chunk; no task is made for those, and
+    level 2 depends on that key instead.
     Returns ``(layer, keys)``: the layer and the keys of all its tasks.
     """
+    level1 = level1 or {}
     if [lv.index for lv in levels] != list(range(1, len(levels) + 1)):
         raise ValueError("levels must be 1, 2, … as plan_levels returns them")
     layer: dict = {}
@@ -147,8 +174,13 @@ def pyramid_layer(path: str, levels: list[Level], level0_chunks: tuple[int, int]
                 cols = source_range(j * cx, min(cx, w - j * cx), src_chunks[1], src_grid[1])
                 cells = [(a, b) for a in rows for b in cols]
                 if lv.index == 1:  # one write task may have written several chunks
+                    if (i, j) in level1:
+                        continue  # written by the level-0 task itself
                     needs = list(dict.fromkeys(deps[ab] for ab in cells
                                                if deps.get(ab) is not None))
+                elif lv.index == 2:
+                    needs = list(dict.fromkeys(level1.get(ab, (f"{name}-1", *ab))
+                                               for ab in cells))
                 else:
                     needs = [(f"{name}-{lv.index - 1}", a, b) for a, b in cells]
                 key = (f"{name}-{lv.index}", i, j)

@@ -27,6 +27,7 @@ import zarr
 from dask.base import tokenize
 
 from tilefcn import scanmeta
+from tilefcn.tiffwindows import TileWindows
 
 __all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "thumbnail",
            "tiff_description"]
@@ -79,10 +80,10 @@ def _take(arr: Any, axes: str, ky: slice, kx: slice) -> np.ndarray:
 class _Open:
     """An opened level: array and axes; ``closer`` runs when the last reference goes."""
 
-    __slots__ = ("array", "axes", "__weakref__")
+    __slots__ = ("array", "axes", "windows", "__weakref__")
 
-    def __init__(self, array: Any, axes: str, closer: Any = None) -> None:
-        self.array, self.axes = array, axes
+    def __init__(self, array: Any, axes: str, closer: Any = None, windows: Any = None) -> None:
+        self.array, self.axes, self.windows = array, axes, windows
         if closer is not None:
             weakref.finalize(self, closer)
 
@@ -168,9 +169,12 @@ class TiffLevelReader(ArrayReader):
             with _quiet_tifffile():
                 tif = tifffile.TiffFile(self.path)
             try:
-                axes = _tiff_axes(tif.series[self.series].levels[self.level], self.path)
+                level = tif.series[self.series].levels[self.level]
+                axes = _tiff_axes(level, self.path)
                 store = tif.aszarr(series=self.series, level=self.level)
-                return _Open(zarr.open_array(store, mode="r", zarr_format=2), axes, tif.close)
+                windows = TileWindows(level.pages[0]) if TileWindows.supports(level) else None
+                return _Open(zarr.open_array(store, mode="r", zarr_format=2), axes, tif.close,
+                             windows)
             except BaseException:
                 tif.close()
                 raise
@@ -179,6 +183,10 @@ class TiffLevelReader(ArrayReader):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
+            windows = self._handle().windows  # tiles decoded in this thread: reads scale
+            if windows is not None and isinstance(key, tuple) and len(key) == 2 and all(
+                    isinstance(k, slice) and k.step in (None, 1) for k in key):
+                return windows.read(*key)
             return super().__getitem__(key)
         except (IndexError, OSError, ValueError):
             raise

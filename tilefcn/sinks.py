@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tilefcn.plan import Tile
+from tilefcn.pyramid import level1_block
 from tilefcn.runtime.cache import ModelRef, get_engine
 from tilefcn.runtime.engine import stream_tiles
 from tilefcn.write import encode_block
@@ -24,13 +25,21 @@ Sink = Callable[[Tile, np.ndarray], Any]
 
 @dataclass
 class ZarrSink:
-    """Writes blocks into a zarr array ``(C, H_out, W_out)`` at each tile's output window."""
+    """Writes blocks into a zarr array ``(C, H_out, W_out)`` at each tile's output window,
+    and, with ``level1`` (pyramid level 1 chunked at half the level-0 chunks), the block's
+    2×2 mean there too — level 0 is then never read back for the pyramid."""
 
     array: Any
     dtype: str = "float32"
+    level1: Any = None
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
-        self.array[(slice(None), *tile.out)] = encode_block(block, self.dtype)
+        block = encode_block(block, self.dtype)
+        self.array[(slice(None), *tile.out)] = block
+        if self.level1 is not None:
+            half = level1_block(block, self.dtype)
+            y0, x0 = tile.y.out_start // 2, tile.x.out_start // 2
+            self.level1[:, y0:y0 + half.shape[1], x0:x0 + half.shape[2]] = half
 
 
 def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
@@ -42,7 +51,8 @@ def write_group(ref: ModelRef, reader: Any, sink: Sink, tiles: list[Tile],
                 image_shape: tuple[int, int], sub_tile: int | None = None) -> int:
     """Task: read, run and write ``tiles`` with the stages overlapping; returns tiles done."""
     return stream_tiles(get_engine(ref), tiles, lambda t: read_window(reader, t.read), sink,
-                        image_shape=image_shape, sub_tile=sub_tile or ref.sub_tile)
+                        image_shape=image_shape, sub_tile=sub_tile or ref.sub_tile,
+                        out_dtype=getattr(sink, "dtype", "float32"))
 
 
 def write_block(sink: Sink, block: np.ndarray, tile: Tile) -> int:

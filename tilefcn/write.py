@@ -51,15 +51,16 @@ __all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_output", "create_om
 #: Dtypes an OME-Zarr heatmap can be stored as (see :func:`encode_block`).
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
 
-#: Compressors of the OME-Zarr arrays (level 0 and the pyramid), per stored dtype: the fastest
-#: encoder within ~15 % of the best ratio in ``benchmarks/bench_codec.py`` (table there; AMD
-#: EPYC, one thread, σ = 8 | 24 px maps; encode MB/s, ratio): float32 blosc lz4 shuffle
-#: 729 1.30 | 841 1.39 (best 1.40 | 1.51); float16 blosc zstd 1 shuffle 196 1.49 | 243 1.89
-#: (best 1.77 | 2.14); uint8 zstd 3 128 1.89 | 200 2.91 (best 1.99 | 3.14). zarr's default,
-#: zstd 0 (= 3), gives float32 1.13 | 1.14: byte shuffle is what helps floats.
+#: Compressors of the OME-Zarr arrays (level 0 and the pyramid), per stored dtype, from
+#: ``benchmarks/bench_codec.py`` (table there; AMD EPYC, one thread, σ = 8 | 24 px maps;
+#: encode MB/s, ratio): float32 blosc lz4 shuffle 729 1.30 | 841 1.39 (best 1.40 | 1.51);
+#: float16 blosc lz4 shuffle 428 1.37 | 610 1.73 (blosc zstd 1: 196 1.49 | 243 1.89 — 8 %
+#: smaller at 2.3× the encode time; float16 is chosen for speed and already halves the
+#: store); uint8 zstd 3 128 1.89 | 200 2.91 (lz4 would lose a third of the ratio). zarr's
+#: default, zstd 0 (= 3), gives float32 1.13 | 1.14: byte shuffle is what helps floats.
 COMPRESSORS: dict[str, tuple] = {
     "float32": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
-    "float16": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    "float16": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
     "uint8": (ZstdCodec(level=3),),
 }
 
@@ -82,8 +83,11 @@ def _check_dtype(dtype: str) -> str:
 
 def encode_block(block: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities ``p`` as stored: float32 as is, float16 cast, uint8
-    ``round(clip(p, 0, 1) · 255)``. Raises ``ValueError`` for NaN with uint8."""
-    if _check_dtype(dtype) == "float32":
+    ``round(clip(p, 0, 1) · 255)``. Raises ``ValueError`` for NaN with uint8. A block
+    already of ``dtype`` (encoded by the engine on the device) is returned as is."""
+    if block.dtype == np.dtype(_check_dtype(dtype)):
+        return block
+    if dtype == "float32":
         return np.asarray(block, dtype=np.float32)
     if dtype == "float16":
         return block.astype(np.float16)

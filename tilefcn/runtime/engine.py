@@ -68,10 +68,13 @@ class Engine:
         return lane_for(self.device)
 
     def run_tile(self, window: np.ndarray, y: AxisWindow, x: AxisWindow,
-                 image_shape: tuple[int, int], sub_tile: int | None = None) -> np.ndarray:
-        """Heatmap block ``(C, y.out_len, x.out_len)`` float32 for one tile of the plan.
+                 image_shape: tuple[int, int], sub_tile: int | None = None,
+                 out_dtype: str = "float32") -> np.ndarray:
+        """Heatmap block ``(C, y.out_len, x.out_len)`` for one tile of the plan.
 
         ``window`` holds input rows ``y.read`` × cols ``x.read`` (channels last).
+        ``out_dtype``: float32, or the output's float16/uint8 encoding done on the device
+        (:func:`encode_tensor`; half or a quarter of the bytes to download and to write).
         """
         expected_read = (y.read_stop - y.read_start, x.read_stop - x.read_start)
         if window.shape[:2] != expected_read:
@@ -81,7 +84,7 @@ class Engine:
         geometry, classes = self.model.geometry, len(self.model.classes)
         rows = sub_windows(geometry, 0, y, image_shape[0], sub_tile)
         cols = sub_windows(geometry, 1, x, image_shape[1], sub_tile)
-        out = np.empty((classes, y.out_len, x.out_len), np.float32)
+        out = np.empty((classes, y.out_len, x.out_len), np.dtype(out_dtype))
         lane, pending = self.lane, []
         with lane.stream(), autocast(self.device, self.precision):
             for items in self._batches(rows, cols):
@@ -95,11 +98,27 @@ class Engine:
                             f"model output {tuple(result.shape[1:])} on an input window of "
                             f"{stack.shape[1:3]} px cannot be cropped to {want}: the model's "
                             f"geometry {geometry} is wrong")
-                    pending.append((sy, sx, lane.download(block.float())))
+                    pending.append((sy, sx, lane.download(encode_tensor(block, out_dtype))))
         for sy, sx, handle in pending:  # downloads were queued; wait for each in turn
             out[:, sy.out_start - y.out_start:sy.out_stop - y.out_start,
                 sx.out_start - x.out_start:sx.out_stop - x.out_start] = lane.fetch(handle)
         return out
+
+
+def encode_tensor(block: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The output encoding of :func:`tilefcn.write.encode_block`, in torch: float32, float16,
+    or uint8 ``round(clip(p, 0, 1) · 255)`` (NaN refused), in the same float32 op order."""
+    block = block.float()
+    if dtype == "float32":
+        return block
+    if dtype == "float16":
+        return block.to(torch.float16)
+    if dtype == "uint8":
+        if bool(torch.isnan(block).any()):
+            raise ValueError("uint8 output cannot hold NaN (the model returned NaN); "
+                             "use float16 or float32")
+        return torch.round(block.clamp(0, 1) * 255).to(torch.uint8)
+    raise ValueError(f"unknown output dtype {dtype!r}")
 
 
 Read = Callable[[Tile], np.ndarray]
@@ -120,7 +139,8 @@ class StageTimes:
 
 def stream_tiles(engine: Engine, tiles: Iterable[Tile], read: Read, write: Write, *,
                  image_shape: tuple[int, int], sub_tile: int | None = None,
-                 prefetch: int = 2, times: StageTimes | None = None) -> int:
+                 prefetch: int = 2, times: StageTimes | None = None,
+                 out_dtype: str = "float32") -> int:
     """Run ``tiles`` through read → device → write with the stages overlapping.
 
     At most ``prefetch`` windows are read ahead of the device (a bounded queue), and at most
@@ -160,7 +180,7 @@ def stream_tiles(engine: Engine, tiles: Iterable[Tile], read: Read, write: Write
             if nxt is not None:
                 queue.append((nxt, readers.submit(timed_read, nxt)))
             start = time.perf_counter()
-            block = engine.run_tile(window, tile.y, tile.x, image_shape, sub_tile)
+            block = engine.run_tile(window, tile.y, tile.x, image_shape, sub_tile, out_dtype)
             times.compute[tile.index] = (start, time.perf_counter())
             del window
             if last_write is not None:
