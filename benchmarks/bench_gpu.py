@@ -109,7 +109,7 @@ def main() -> None:
     result.update(end_to_end_mp_per_s=rate, gpu_busy_fraction=busy)
     result["max_error_vs_whole_image"] = exactness(args.model)
     for per_gpu in (1, 2):
-        from tilefcn.fleet import gpu_cluster
+        from tilefcn.cluster import gpu_cluster
 
         with gpu_cluster(1, per_gpu=per_gpu) as cluster:
             t0 = time.perf_counter()

@@ -140,3 +140,59 @@ def test_demo_writes_heatmap_and_preview(tmp_path):
     preview = imagecodecs.png_decode((out / "slide.preview.png").read_bytes())
     assert preview.shape[:2] == probabilities.shape[1:]
     assert "Preview:" in result.output and "background" in result.output
+
+
+def test_run_engine_options_through_the_cli(scan, exported, tmp_path):
+    path, image = scan
+    expected = whole_image_output(padded(3), image)
+    out = tmp_path / "ort.zarr"
+    result = CliRunner().invoke(main, [
+        "run", str(path), "--model", str(exported), "--out", str(out), "--tile", "64",
+        "--device", "cpu", "--backend", "onnxruntime", "--batch", "3", "--dtype", "float16",
+        "--verbose", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Backend: onnxruntime" in result.output
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].dtype == np.float16
+    assert group.attrs["tilefcn"]["job"]["backend"] == "onnxruntime"
+    np.testing.assert_allclose(group["0"][:].astype(np.float32), expected, rtol=1e-3,
+                               atol=1e-3)
+    auto = CliRunner().invoke(main, ["run", str(path), "--model", str(exported), "--out",
+                                     str(tmp_path / "auto.zarr"), "--device", "cpu", "-v",
+                                     "-q"])
+    assert auto.exit_code == 0 and "measured:" in auto.output and "MP/s" in auto.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "uint8", "--mask", "auto"], "cannot store the NaN"),
+    (["--backend", "tensorrt"], "Invalid value for '--backend'"),
+    (["--precision", "fp8"], "Invalid value for '--precision'"),
+    (["--batch", "0"], "Invalid value for '--batch'"),
+    (["--out", "heat.tif", "--dtype", "float16"], "GeoTIFFs are float32"),
+])
+def test_bad_engine_options_exit_2_and_write_nothing(scan, exported, tmp_path, args, message):
+    path, _ = scan
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [a if a != "heat.tif" else str(tmp_path / a) for a in args]
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(exported), "-q",
+                                       *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_small_sub_tile_warns(scan, exported, tmp_path):
+    path, _ = scan
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(exported), "--out",
+                                       str(tmp_path / "h.zarr"), "--sub-tile", "32", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: --sub-tile 32 is small" in result.output
+
+
+def test_gpus_without_cuda_is_a_clear_error(scan, exported, tmp_path):
+    path, _ = scan
+    result = CliRunner().invoke(main, ["run", str(path), "--model", str(exported), "--out",
+                                       str(tmp_path / "h.zarr"), "--gpus", "1", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "--gpus 1 asked for, but this machine has 0 CUDA device(s)" in result.output
+    assert not (tmp_path / "h.zarr").exists()

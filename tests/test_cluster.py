@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 from models_zoo import dilated, random_image, whole_image_output
 
-from tilefcn import job
+from tilefcn import cluster as tilefcn_cluster
 from tilefcn.cli import main
 from tilefcn.modelio import load_model, save_exported
 
@@ -99,7 +99,7 @@ def test_cli_run_on_a_real_cluster_equals_whole_image(cluster, tmp_path):
 
 
 def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(job, "SCHEDULER_TIMEOUT", "2s")
+    monkeypatch.setattr(tilefcn_cluster, "SCHEDULER_TIMEOUT", "2s")
     image = tmp_path / "scan.tif"
     tifffile.imwrite(image, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
     pt2 = save_exported(tmp_path / "d.pt2", load_model(dilated(3)))

@@ -199,15 +199,14 @@ def test_cuda_runs_carry_gpu_resources(tmp_path):
 def test_gpu_cluster_gives_each_process_its_own_device():
     from distributed import Client
 
-    from tilefcn.fleet import gpu_cluster
-    from tilefcn.job import _has_gpu_workers
+    from tilefcn.cluster import gpu_cluster, has_gpu_workers
 
     with gpu_cluster(2, threads=1, require_cuda=False) as cluster, \
             Client(cluster, timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
         seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
         assert sorted(seen.values()) == ["0", "1"]
-        assert _has_gpu_workers(client)
+        assert has_gpu_workers(client)
 
 
 def test_run_records_backend_and_dtype_and_pyramid(tmp_path):

@@ -423,3 +423,27 @@ def test_corrupt_model_file_is_refused_naming_it(tmp_path, name, kind) -> None:
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"REFUSED-WRONG-TYPE: {_line(e)}")
     pytest.fail("ACCEPTED: a corrupt model file gave a heatmap")
+
+
+EXACT = [e for e in ZOO if e.expected == "exact"]
+
+
+@pytest.mark.parametrize("backend,batch", [("torch", 4), ("onnxruntime", 1)])
+@pytest.mark.parametrize("entry", EXACT, ids=[e.id for e in EXACT])
+def test_zoo_entry_through_each_backend(entry: Entry, backend: str, batch: int) -> None:
+    """Every exact entry stays exact with batched sub-tiles and with ONNX Runtime — or that
+    backend is refused for the model in one line naming it (never a wrong heatmap)."""
+    model = entry.make()
+    reference = copy.deepcopy(model)
+    shape = (150, 201) if entry.sizes is None else entry.sizes[-1]
+    image = random_image(np.random.default_rng(7), shape, entry.in_channels, "uint16")
+    expected = whole_image_output(reference, image)
+    try:
+        heatmap = tilefcn.predict(image, model, tile=64, sub_tile=32, device="cpu",
+                                  backend=backend, batch=batch)
+    except ValueError as e:
+        assert backend != "torch", f"REFUSED-LOCAL: {_line(e)}"
+        assert f"backend {backend!r}" in str(e) and "\n" not in str(e).strip(), _line(e)
+        return
+    err = _compare(heatmap, expected)
+    assert err <= ATOL, f"WRONG-VALUES ({backend}, batch {batch}): max_err={err:.3g}"

@@ -8,10 +8,9 @@ built, then ``complete``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import zarr
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
+from tilefcn.cluster import executor, has_gpu_workers
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
 from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
@@ -144,53 +144,6 @@ def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip:
     return HighLevelGraph(layers, deps), list(layer), pyramid_keys
 
 
-SCHEDULER_TIMEOUT = "30s"
-
-
-@contextlib.contextmanager
-def _executor(scheduler: str | None, workers: int, gpus: int | None = None,
-              torch_threads: int | None = None) -> Iterator[Any]:
-    """A connected ``distributed.Client`` (also dask's default while open), or local threads.
-
-    ``gpus``: a local cluster of one worker process per GPU (:mod:`tilefcn.fleet`).
-    On a client the :class:`~tilefcn.runtime.plugin.RuntimePlugin` prepares every worker.
-    """
-    if gpus:
-        from tilefcn.fleet import gpu_cluster
-
-        with gpu_cluster(gpus) as cluster:
-            with _client(cluster, torch_threads) as client:
-                yield client
-        return
-    if not scheduler:
-        with dask.config.set(scheduler="threads", num_workers=workers):
-            yield None
-        return
-    with _client(scheduler, torch_threads) as client:
-        yield client
-
-
-@contextlib.contextmanager
-def _client(address: Any, torch_threads: int | None) -> Iterator[Any]:
-    from distributed import Client
-
-    from tilefcn.runtime.plugin import RuntimePlugin
-
-    try:
-        client = Client(address, timeout=SCHEDULER_TIMEOUT)
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
-    with client:
-        client.register_plugin(RuntimePlugin(torch_threads=torch_threads))
-        yield client
-
-
-def _has_gpu_workers(client: Any) -> bool:
-    """Whether any worker of ``client``'s cluster advertises a ``GPU`` resource."""
-    workers = client.scheduler_info().get("workers", {}) if client is not None else {}
-    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
-
-
 def _compute(graph: HighLevelGraph, keys: list, client: Any, *, counted: list, workers: int,
              progress: Progress | None, total: int, done: int) -> None:
     """Compute ``keys`` of ``graph`` on ``client``'s cluster or the local threads; the
@@ -263,7 +216,7 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
         from tilefcn.runtime.plugin import RuntimePlugin
 
         client.register_plugin(RuntimePlugin(prediction.ref))
-    gpu = str(prediction.ref.device).startswith("cuda") and _has_gpu_workers(client)
+    gpu = str(prediction.ref.device).startswith("cuda") and has_gpu_workers(client)
     graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
     _compute(graph, writes + pyramid, client, counted=writes, workers=workers,
              progress=progress, total=tiles, done=len(skip))
@@ -312,7 +265,7 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
                                  backend=backend, precision=precision, batch=batch,
                                  local=not distributed)
     start = time.perf_counter()
-    with _executor(scheduler, workers, gpus) as client:  # connect before writing anything
+    with executor(scheduler, workers, gpus) as client:  # connect before writing anything
         if client is not None:
             workers = max(1, sum(w.get("nthreads", 1) for w in
                                  client.scheduler_info().get("workers", {}).values()))

@@ -11,6 +11,7 @@ verified against eager torch before use (:mod:`tilefcn.runtime.select`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def _onnx_session(module: nn.Module, in_channels: int, example: int, threads: in
     import onnxruntime as ort
 
     buffer = io.BytesIO()
-    with quiet_torch(), warnings.catch_warnings():
+    with quiet_torch(), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the exporter prints failed graphs
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(1, in_channels, example, example),), buffer,
                           input_names=["x"], output_names=["y"], opset_version=17,

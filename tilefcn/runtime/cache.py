@@ -160,6 +160,17 @@ def _verify(runner, reference, in_channels: int, shapes: list[tuple[int, int]],
     return worst
 
 
+def _takes_batches(reference, in_channels: int, shape: tuple[int, int],
+                   device: torch.device) -> bool:
+    """Whether the model runs a batch of 2 windows (exported programs may be specialised to
+    a batch of 1)."""
+    try:
+        reference(torch.zeros(2, in_channels, *shape, device=device))
+        return True
+    except Exception:  # noqa: BLE001 - any failure: run windows one at a time
+        return False
+
+
 def _build(ref: ModelRef, device: torch.device) -> Engine:
     exact_math()
     model = ref.model or load_model(ref.spec, geometry=ref.geometry)
@@ -170,6 +181,8 @@ def _build(ref: ModelRef, device: torch.device) -> Engine:
     batch = ref.batch or DEFAULT_BATCH.get(device.type, 1)
     shapes = sorted(ref.shapes or {window, _smaller_window(model.geometry, window)})
     reference = build_runner("torch", module, device, in_channels=channels, example=window[0])
+    if batch > 1 and not _takes_batches(reference, channels, min(shapes), device):
+        batch = 1  # e.g. an ExportedProgram specialised to batch 1: one window per call
     threads = ref.torch_threads or 1  # one intra-op thread per dask thread by default
 
     def checked(name: str):

@@ -1,4 +1,5 @@
-"""Local clusters of GPU workers: ``--gpus N`` starts one worker process per GPU.
+"""Where the tasks run: local threads, a ``distributed`` scheduler, or a local cluster of
+GPU workers (``--gpus N``: one worker process per GPU).
 
 With dask-cuda installed its ``LocalCUDACluster`` is used; otherwise a
 ``distributed.SpecCluster`` of nannies, each with ``CUDA_VISIBLE_DEVICES`` set to its own GPU
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+
+import dask
 
 
 def gpu_worker_specs(gpus: int, threads: int = 2, per_gpu: int = 1) -> dict[str, dict]:
@@ -53,3 +56,48 @@ def gpu_cluster(gpus: int, *, threads: int = 2, per_gpu: int = 1,
             "cls": Scheduler, "options": {"dashboard_address": ":0"}}, silence_logs=40)
     with cluster:
         yield cluster
+
+
+SCHEDULER_TIMEOUT = "30s"
+
+
+@contextlib.contextmanager
+def executor(scheduler: str | None, workers: int, gpus: int | None = None,
+              torch_threads: int | None = None) -> Iterator[Any]:
+    """A connected ``distributed.Client`` (also dask's default while open), or local threads.
+
+    ``gpus``: a local cluster of one worker process per GPU (:func:`gpu_cluster`).
+    On a client the :class:`~tilefcn.runtime.plugin.RuntimePlugin` prepares every worker.
+    """
+    if gpus:
+        with gpu_cluster(gpus) as cluster:
+            with _client(cluster, torch_threads) as client:
+                yield client
+        return
+    if not scheduler:
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            yield None
+        return
+    with _client(scheduler, torch_threads) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _client(address: Any, torch_threads: int | None) -> Iterator[Any]:
+    from distributed import Client
+
+    from tilefcn.runtime.plugin import RuntimePlugin
+
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
+    with client:
+        client.register_plugin(RuntimePlugin(torch_threads=torch_threads))
+        yield client
+
+
+def has_gpu_workers(client: Any) -> bool:
+    """Whether any worker of ``client``'s cluster advertises a ``GPU`` resource."""
+    workers = client.scheduler_info().get("workers", {}) if client is not None else {}
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
