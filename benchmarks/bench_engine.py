@@ -46,8 +46,10 @@ def near_free(stride: int):
     return nn.Sequential(*layers, nn.Conv2d(3, 2, 1)).eval()
 
 
-def decode_rate(slide: str, threads: int = 2, window: int = 2048) -> float:
-    """MP/s reading + decoding every pixel through the scan's window reader."""
+def decode_rate(slide: str, threads: int = 2, window: int = 2048,
+                through_store: bool = False) -> float:
+    """MP/s reading + decoding every pixel through the scan's window reader
+    (``through_store``: through tifffile's zarr store instead, the reader before [engine])."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -55,6 +57,8 @@ def decode_rate(slide: str, threads: int = 2, window: int = 2048) -> float:
     from tilefcn.read import open_scan
 
     scan = open_scan(slide)
+    if through_store:
+        scan.reader._handle().windows = None
     h, w, _ = scan.info.shape
     boxes = [(slice(y, min(y + window, h)), slice(x, min(x + window, w)))
              for y in range(0, h, window) for x in range(0, w, window)]
@@ -205,6 +209,8 @@ def main() -> None:
     print(f"{cpu_name()}, {os.cpu_count()} cores; slide {args.size}² JPEG-tiled")
     decode = max(decode_rate(str(slide)) for _ in range(2))
     print(f"decode (read + JPEG, 2 threads):            {decode:7.1f} MP/s")
+    store = max(decode_rate(str(slide), through_store=True) for _ in range(2))
+    print(f"  the same through tifffile's zarr store:   {store:7.1f} MP/s (the reader before)")
     runs = {
         "stride8": end_to_end(slide, workdir, "stride8"),
         "stride1-float16": end_to_end(slide, workdir, "stride1", "float16"),
@@ -230,7 +236,8 @@ def main() -> None:
           f"{t['cold_seconds_with_setup'] - t['cold_seconds']:.1f} s setup incl. auto)  "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": args.size,
-              "decode_mp_per_s": decode, "end_to_end": runs, "tissue_backends": rates,
+              "decode_mp_per_s": decode, "decode_through_zarr_store_mp_per_s": store,
+              "end_to_end": runs, "tissue_backends": rates,
               "ratios": {"stride8_vs_decode": runs["stride8"]["mp_per_s"] / decode,
                          "stride1_float16_vs_decode":
                              runs["stride1-float16"]["mp_per_s"] / decode,
@@ -239,7 +246,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_engine.json").write_text(json.dumps(result, indent=1))
-    bars = [("decode", decode, None),
+    bars = [("decode", decode, None), ("decode (zarr store)", store, None),
             ("stride-8 e2e", runs["stride8"]["mp_per_s"], 0.9 * decode),
             ("stride-1 e2e f16", runs["stride1-float16"]["mp_per_s"], 0.5 * decode),
             ("stride-1 e2e f32", runs["stride1-float32"]["mp_per_s"], None),

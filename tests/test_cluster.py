@@ -98,6 +98,21 @@ def test_cli_run_on_a_real_cluster_equals_whole_image(cluster, tmp_path):
     assert group.attrs["tilefcn"]["job"]["device"] == "auto"  # resolved on the workers
 
 
+def test_cuda_asked_of_cpu_workers_is_a_clear_error_and_writes_nothing(cluster, tmp_path):
+    image = tmp_path / "scan.tif"
+    tifffile.imwrite(image, np.zeros((128, 128, 3), np.uint8), tile=(64, 64),
+                     photometric="rgb")
+    pt2 = save_exported(tmp_path / "d.pt2", load_model(dilated(3)))
+    out = tmp_path / "heat.zarr"
+    # resolved on the workers, not on this client (which could not tell them apart)
+    result = CliRunner().invoke(main, ["run", str(image), "--model", str(pt2), "--out",
+                                       str(out), "--device", "cuda", "--scheduler", cluster,
+                                       "-q"])
+    assert result.exit_code == 2, result.output
+    assert "CUDA is not available" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(tilefcn_cluster, "SCHEDULER_TIMEOUT", "2s")
     image = tmp_path / "scan.tif"

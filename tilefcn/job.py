@@ -202,6 +202,10 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
     unit, (my, mx) = ("micrometer", info.mpp) if info.mpp else (None, (1.0, 1.0))
     dtype = options["dtype"]
+    if client is not None:  # every worker loads the model onto its own device first: an
+        from tilefcn.runtime.plugin import RuntimePlugin  # error there leaves no output
+
+        client.register_plugin(RuntimePlugin(prediction.ref))
     array = create_ome_zarr(
         out, shape=(prediction.classes, *prediction.plan.out_shape),
         chunks=(prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]),
@@ -212,10 +216,6 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
     if progress:
         progress(len(skip), tiles)
-    if client is not None:  # every worker loads the model onto its device before the tasks
-        from tilefcn.runtime.plugin import RuntimePlugin
-
-        client.register_plugin(RuntimePlugin(prediction.ref))
     gpu = str(prediction.ref.device).startswith("cuda") and has_gpu_workers(client)
     graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
     _compute(graph, writes + pyramid, client, counted=writes, workers=workers,

