@@ -36,3 +36,21 @@ def test_windows_equal_the_whole_image(tmp_path, kind):
         results = list(pool.map(lambda b: scan.reader[b], boxes * 3))
     for box, got in zip(boxes * 3, results, strict=True):
         np.testing.assert_array_equal(got, whole[box])
+
+
+def test_dask_array_and_window_reads_share_the_file_safely(tmp_path):
+    """The lazy array (3-slice keys) and window reads go through the same tile path and
+    lock, so reading both at once from threads gives the right pixels."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 65535, (300, 260, 3), dtype=np.uint16)
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb", compression="zlib")
+    scan = open_scan(path, chunk=64)
+    with ThreadPoolExecutor(4) as pool:
+        lazy = pool.submit(lambda: scan.array.compute(scheduler="threads"))
+        windows = list(pool.map(lambda k: scan.reader[k * 7:k * 7 + 90, 3:250],
+                                range(20)))
+    np.testing.assert_array_equal(lazy.result(), image)
+    for k, got in enumerate(windows):
+        np.testing.assert_array_equal(got, image[k * 7:k * 7 + 90, 3:250])
+    assert scan.reader[0:5, 0:5, 1:2].shape == (5, 5, 1)

@@ -184,9 +184,10 @@ class TiffLevelReader(ArrayReader):
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
             windows = self._handle().windows  # tiles decoded in this thread: reads scale
-            if windows is not None and isinstance(key, tuple) and len(key) == 2 and all(
-                    isinstance(k, slice) and k.step in (None, 1) for k in key):
-                return windows.read(*key)
+            if windows is not None and isinstance(key, tuple) and len(key) in (2, 3) and all(
+                    isinstance(k, slice) and k.step in (None, 1) for k in key[:2]):
+                out = windows.read(key[0], key[1])
+                return out if len(key) == 2 else out[:, :, key[2]]
             return super().__getitem__(key)
         except (IndexError, OSError, ValueError):
             raise

@@ -12,7 +12,6 @@ Used for single-page tiled levels (chunky samples); anything else goes through t
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,10 @@ class TileWindows:
 
     def __init__(self, page: Any) -> None:
         self.page = page
-        self.lock = threading.Lock()  # one seek + read at a time on the shared handle
+        # one seek + read at a time on the shared handle: the handle's own lock, which
+        # tifffile's zarr store (the fallback path, same file) also takes
+        page.parent.filehandle.set_lock(True)  # idempotent: keeps an existing lock
+        self.lock = page.parent.filehandle.lock
         self.shape = (int(page.imagelength), int(page.imagewidth))
         self.samples = int(page.samplesperpixel)
         self.tile = (int(page.tilelength), int(page.tilewidth))
