@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -21,23 +22,38 @@ BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirec
 
 
 class _Group(click.Group):
-    """Turns library exceptions into one-line errors with the right exit code."""
+    """Turns library exceptions into one-line errors with the right exit code; with
+    ``--debug`` the traceback is printed first and the exit code is kept."""
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad option of a command: one line, exit 2
+            _traceback_if_debug(ctx)
+            where = exc.ctx.command_path if exc.ctx is not None else "tilefcn"
+            click.echo(f"Error: {_first_line(exc.format_message())} "
+                       f"(see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that reports all failures
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
+            _traceback_if_debug(ctx)
             code = 2 if isinstance(exc, BAD_INPUT) else 1
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            click.echo(f"Error: {message}", err=True)
+            click.echo(f"Error: {_first_line(str(exc)) or repr(exc)}", err=True)
             sys.exit(code)
+
+
+def _traceback_if_debug(ctx: click.Context) -> None:
+    if ctx.obj and ctx.obj.get("debug"):  # set by main's callback, inside invoke
+        traceback.print_exc()
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
