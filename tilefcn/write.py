@@ -132,11 +132,15 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
                  resume: bool = False) -> str:
     """Decide how to treat an output path: ``"new"``, ``"overwrite"`` or ``"resume"``.
 
-    Nothing is deleted here. Raises ``FileExistsError`` when the output exists and neither
-    flag is given, ``ValueError`` when overwriting something that is not a tilefcn output or
-    resuming something that is not a tilefcn OME-Zarr heatmap.
+    Nothing is written or deleted here. Raises ``ValueError`` for a suffix other than
+    ``.zarr`` (OME-Zarr) or ``.tif``/``.tiff`` (GeoTIFF), ``FileExistsError`` when the output
+    exists and neither flag is given, ``ValueError`` when overwriting something that is not a
+    tilefcn output or resuming something that is not a tilefcn OME-Zarr heatmap.
     """
     p = Path(path)
+    if p.suffix.lower() not in (".zarr", *_TIFF_SUFFIXES):
+        raise ValueError(f"unknown output suffix {p.suffix or '(none)'!r} in {p}: use .zarr "
+                         "(OME-Zarr) or .tif/.tiff (GeoTIFF)")
     if overwrite and resume:
         raise ValueError("use either --overwrite or --resume, not both")
     if resume and p.suffix.lower() in _TIFF_SUFFIXES:
