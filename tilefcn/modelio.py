@@ -7,12 +7,9 @@ refused. A Python factory ``package.module:function`` is explicit, trusted user 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
-import inspect
 import json
-import warnings
+import os
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +22,7 @@ from torch import nn
 from tilefcn import __version__
 from tilefcn.geometry import Geometry
 from tilefcn.models import ARCHITECTURES, BUNDLED_DIR, bundled_names
+from tilefcn.models.fingerprint import module_fingerprint, state_sha256
 
 BUNDLE_FORMAT = "tilefcn-bundle/1"
 
@@ -82,79 +80,6 @@ class Model:
 
 class ModelFileError(ValueError):
     """A model spec that cannot be loaded (missing, unsafe, or malformed)."""
-
-
-def state_sha256(module: nn.Module) -> str:
-    """sha256 over the module's state dict (names, shapes, raw bytes), order-independent."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        _tensor_digest(digest, name, tensor)
-    return digest.hexdigest()
-
-
-def _tensor_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    t = tensor.detach().cpu().contiguous().reshape(-1)
-    digest.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-@functools.lru_cache(maxsize=512)
-def _class_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
-        return cls.__qualname__
-
-
-def _callable_id(fn, depth: int = 0) -> str:
-    """What a function computes, as text: its qualified name, bytecode and constants, and
-    (recursively, a few levels) what its closure cells and ``functools.partial`` bind."""
-    if isinstance(fn, functools.partial):
-        return f"partial({_callable_id(fn.func, depth + 1)},{fn.args!r},{sorted(fn.keywords)!r})"
-    fn = getattr(fn, "__func__", fn)
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-    code = getattr(fn, "__code__", None)
-    if code is None or depth > 3:
-        return name
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        cells.append(_callable_id(v, depth + 1) if callable(v) and not isinstance(v, nn.Module)
-                     else repr(v)[:200] if isinstance(v, (int, float, str, bool, tuple)) else
-                     type(v).__qualname__)
-    return f"{name}|{code.co_code.hex()}|{code.co_consts!r}|{cells}"
-
-
-def module_fingerprint(module: nn.Module, state_sha: str | None = None) -> str:
-    """sha256 of what ``module`` computes: per submodule its class (qualified name and source
-    code, or the generated code of a graph / TorchScript module), what the closures of its
-    ``forward`` bind (an activation picked at construction), its plain attributes (numbers,
-    strings, tuples: kernel sizes, flags, a scale used in forward; functions stored on it)
-    and mode, and every parameter and buffer: the :func:`state_sha256` (pass ``state_sha``
-    when it is known) plus the non-persistent buffers."""
-    digest = hashlib.sha256()
-    for name, m in module.named_modules(remove_duplicate=False):
-        cls = type(m)
-        code = getattr(m, "code", None) if isinstance(m, (torch.fx.GraphModule,
-                                                            torch.jit.ScriptModule)) else None
-        digest.update(f"{name}|{cls.__module__}.{cls.__qualname__}|".encode())
-        digest.update((code if isinstance(code, str) else _class_source(cls)).encode())
-        plain = {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(
-            v, (int, float, str, bool, tuple, type(None)))}
-        plain.update({k: _callable_id(v) for k, v in vars(m).items() if not k.startswith("_")
-                      and callable(v) and not isinstance(v, (nn.Module, type))})
-        if code is None and (forward := getattr(cls, "forward", None)) is not None:
-            plain["<forward>"] = _callable_id(forward)
-        digest.update(repr(sorted(plain.items())).encode())
-    digest.update((state_sha or state_sha256(module)).encode())
-    for name, m in module.named_modules(remove_duplicate=False):
-        for key in sorted(getattr(m, "_non_persistent_buffers_set", ())):
-            if (t := m._buffers.get(key)) is not None:
-                _tensor_digest(digest, f"{name}.{key}", t)
-    return digest.hexdigest()
 
 
 def as_eval(module: nn.Module) -> nn.Module:
@@ -275,33 +200,50 @@ def _with_softmax(module: nn.Module) -> nn.Sequential:
     return nn.Sequential(module, nn.Softmax(dim=1))
 
 
-def _load_bundle(path: Path, spec: str) -> Model:
-    try:
-        meta = json.loads((path / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"cannot read {path / 'model.json'}: {exc}") from None
-    arch = meta.get("architecture")
-    if arch not in ARCHITECTURES:
-        raise ModelFileError(f"{path}: unknown architecture {arch!r}")
-    module = ARCHITECTURES[arch](**meta.get("kwargs", {}))
-    patch = meta.get("patch_size")
-    if meta.get("convolutionalized"):
-        from tilefcn.convert import convolutionalize
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
-        module = convolutionalize(module, tuple(patch))
-    weights = path / "weights.safetensors"
+
+def _load_bundle(path: Path, spec: str) -> Model:
+    where, weights = path / "model.json", path / "weights.safetensors"
+    try:
+        meta = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"cannot read {where}: {_first_line(exc)}") from None
+    arch = meta.get("architecture") if isinstance(meta, dict) else None
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ModelFileError(f"{where}: unknown architecture {arch!r}; known: "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+    try:  # everything below reads model.json's fields: a wrong one names the file
+        patch = meta.get("patch_size")
+        module = ARCHITECTURES[arch](**meta.get("kwargs", {}))
+        if meta.get("convolutionalized"):
+            from tilefcn.convert import convolutionalize
+
+            module = convolutionalize(module, tuple(patch))
+        in_channels, classes = int(meta["in_channels"]), [str(c) for c in meta["classes"]]
+        geometry = Geometry.from_dict(meta["geometry"]) if "geometry" in meta else None
+        scaling = Scaling.from_dict(meta.get("scaling"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{where}: not a valid tilefcn model description "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not weights.is_file():
         raise ModelFileError(f"{path}: missing weights.safetensors")
     try:
-        module.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type, OSError, …
+        raise ModelFileError(f"{weights}: not a readable safetensors file: "
+                             f"{_first_line(exc)}") from None
+    try:
+        module.load_state_dict(state)
     except (RuntimeError, OSError) as exc:
-        raise ModelFileError(f"{weights}: weights do not fit {arch}: {exc}") from None
+        raise ModelFileError(f"{weights}: weights do not fit {arch}: {_first_line(exc)}"
+                             ) from None
     if meta.get("output") == "probabilities":
         module = _with_softmax(module)
-    geometry = Geometry.from_dict(meta["geometry"]) if "geometry" in meta else None
-    return from_module(module, in_channels=meta["in_channels"], classes=meta["classes"],
-                       name=path.name, scaling=Scaling.from_dict(meta.get("scaling")),
-                       spec=spec, geometry=geometry, card=meta.get("card", {}),
+    return from_module(module, in_channels=in_channels, classes=classes, name=path.name,
+                       scaling=scaling, spec=spec, geometry=geometry, card=meta.get("card", {}),
                        patch_size=tuple(patch) if patch else None, owned=True)
 
 
@@ -346,28 +288,44 @@ def _load_exported(path: Path, spec: str, geometry: Geometry | None = None) -> M
                        program=program)
 
 
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except zipfile.BadZipFile:
-        return []
-
-
-def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
-    names = _zip_names(path)
-    if any("/code/" in n for n in names) and any(
-            n.endswith("constants.pkl") for n in names):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.jit.load(str(path), map_location="cpu")
-        return from_module(module, name=path.stem, spec=spec, geometry=geometry, owned=True)
-    if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
-        return _load_exported(path, spec, geometry)
-    raise ModelFileError(
+def _pickled(path: Path) -> ModelFileError:
+    return ModelFileError(
         f"{path} is a pickled PyTorch checkpoint: tilefcn never unpickles model files. In trusted "
         "code, build the module, load its state dict with torch.load(..., weights_only=True), and "
         "save it with tilefcn.save_bundle(...) or torch.export.save(...)")
+
+
+def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) -> Model:
+    """A TorchScript or ExportedProgram zip archive, told apart by its entries (read with
+    :mod:`zipfile`, nothing unpickled); pickles and anything else are refused first."""
+    from tilefcn.measure.shapes import quiet_torch
+
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise _pickled(path)  # a legacy torch.save or a plain pickle
+    if head != b"PK\x03\x04":
+        raise ModelFileError(f"{path}: not a model file (expected a TorchScript or "
+                             "ExportedProgram archive, a bundle folder or a built-in name)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: the model archive is truncated or corrupt "
+                             f"({_first_line(exc)})") from None
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        try:
+            with quiet_torch():
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - any failure to read the file means the same
+            raise ModelFileError(f"{path}: not a readable TorchScript file: "
+                                 f"{_first_line(exc)}") from None
+        for param in module.parameters():  # inference only; and no .grad warning on .to()
+            param.requires_grad_(False)
+        return from_module(module, name=path.stem, spec=spec, geometry=geometry, owned=True)
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+        return _load_exported(path, spec, geometry)
+    raise _pickled(path)
 
 
 def _load_factory(spec: str, geometry: Geometry | None = None) -> Model:
@@ -384,10 +342,20 @@ def _load_factory(spec: str, geometry: Geometry | None = None) -> Model:
     return from_module(built, name=func_name, spec=spec, geometry=geometry, owned=True)
 
 
+def _is_path_spec(spec: str | os.PathLike) -> bool:
+    """Whether a model spec is clearly a path: a ``Path``, or text with a separator,
+    ``.``/``~`` at the start, or absolute (``./tissue``, ``models/tissue``, ``/opt/m``)."""
+    text = os.fspath(spec)
+    return (isinstance(spec, os.PathLike) or text.startswith((".", "~"))
+            or any(sep and sep in text for sep in ("/", os.sep, os.altsep)))
+
+
 def load_model(spec: str | Path | nn.Module | Model, *,
                geometry: Geometry | None = None) -> Model:
     """Load a model from a built-in name, a bundle directory, a ``.pt2`` ExportedProgram,
     a TorchScript file, a ``package.module:function`` factory, or wrap an ``nn.Module``.
+    Built-in names win over local folders of the same name unless the spec is clearly a
+    path (``./tissue``).
 
     ``geometry``, when already known (workers reloading a model the client measured), skips
     measuring it again; bundles carry theirs in ``model.json``.
@@ -398,6 +366,8 @@ def load_model(spec: str | Path | nn.Module | Model, *,
         return from_module(spec, geometry=geometry)
     text = str(spec)
     path = Path(text).expanduser()
+    if text in bundled_names() and not _is_path_spec(spec):  # a folder "tissue" in the
+        return _load_bundle(BUNDLED_DIR / text, text)         # cwd does not shadow it
     if path.is_dir():
         if not (path / "model.json").is_file():
             raise ModelFileError(f"{path} is not a model bundle (no model.json)")
@@ -408,8 +378,6 @@ def load_model(spec: str | Path | nn.Module | Model, *,
         if path.suffix == ".json" and path.name == "model.json":
             return _load_bundle(path.parent, str(path.parent.resolve()))
         return _load_torch_file(path, str(path.resolve()), geometry)
-    if text in bundled_names():
-        return _load_bundle(BUNDLED_DIR / text, text)
     if ":" in text and not path.suffix and "/" not in text:
         return _load_factory(text, geometry)
     known = ", ".join(bundled_names()) or "none bundled"

@@ -49,6 +49,8 @@ def on_meta(module: nn.Module) -> nn.Module | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # TorchScript modules: nn.Module._apply reads each parameter's .grad
+            warnings.filterwarnings("ignore", "The .grad attribute of a Tensor", UserWarning)
             return copy.deepcopy(module, memo).to("meta")
     except Exception:  # noqa: BLE001 - TorchScript and exotic modules: answer by real forwards
         return None
