@@ -24,6 +24,7 @@ from tilefcn import __version__
 from tilefcn.cluster import executor, has_gpu_workers
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
+from tilefcn.identity import job_identity
 from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
 from tilefcn.read import Scan, ScanInfo
 from tilefcn.sinks import ZarrSink
@@ -100,6 +101,7 @@ def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any
         "tile": [prediction.plan.chunks[0][0], prediction.plan.chunks[1][0]],
         "masked_tiles": len(prediction.masked),
         "job": job,
+        "identity": job_identity(prediction, dtype=job.get("dtype", "float32")),
     }
 
 

@@ -41,6 +41,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from tilefcn.identity import identity_mismatch
 from tilefcn.pyramid import build_pyramid
 from tilefcn.read import tiff_description
 
@@ -183,7 +184,9 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
     with NaN (0 for uint8), compressed with ``COMPRESSORS[dtype]``; the group's ``tilefcn``
     attributes are ``{**attrs, "status": "running"}``. ``mode="overwrite"`` deletes the old
     store first, only if it is a tilefcn output; ``mode="resume"`` refuses another model,
-    shape, chunking or dtype and deletes a stale pyramid. Returns the writable level-0 array.
+    shape, chunking or dtype, or (when ``attrs`` has an ``identity`` record) another job —
+    :func:`tilefcn.identity.identity_mismatch`, checked before anything is changed — and
+    deletes a stale pyramid. Returns the writable level-0 array.
     """
     p = Path(path)
     if mode not in ("new", "overwrite", "resume"):
@@ -198,6 +201,9 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
             raise ValueError(f"cannot resume {p}: not a tilefcn heatmap store")
         if "model" in old and "model" in attrs and old["model"] != attrs["model"]:
             raise ValueError(f"cannot resume {p}: it was written with a different model")
+        if "identity" in attrs and (why := identity_mismatch(old.get("identity"),
+                                                             attrs["identity"])):
+            raise ValueError(f"cannot resume {p}: {why}")  # checked before anything changes
         group = zarr.open_group(p, mode="r+", zarr_format=3)
         array = zarr.open_array(p, path="0", mode="r+", zarr_format=3, config=config)
         if array.shape != shape or array.chunks != chunks:
