@@ -332,8 +332,16 @@ def _chunk(tile: int | None, target: int) -> int:
     return max(1, target // tile) * tile
 
 
+def _check_pixels(where: str, dtype: Any) -> None:
+    """Refuse pixels that are not numbers a model can read (complex, strings, objects…)."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise ValueError(f"cannot read {where}: unsupported pixel type {np.dtype(dtype)} "
+                         "(expected integer, floating-point or bool pixels)")
+
+
 def _make_scan(source: str, reader: Any, level: int, yx: list, mpps: list,
                tile: tuple[int, int] | None, crs: str | None, geot: Any, chunk: int) -> Scan:
+    _check_pixels(source, reader.dtype)
     cy, cx = (_chunk(t, chunk) for t in (tile or (None, None)))
     array = da.from_array(reader, chunks=(cy, cx, reader.shape[2]),
                           meta=np.empty((0, 0, 0), reader.dtype),
@@ -387,6 +395,7 @@ def open_scan(source: Any, *, level: int | None = None, mpp: float | None = None
     yx = [(int(source.shape[axes.index("y")]), int(source.shape[axes.index("x")]))]
     scanmeta.select_level(name, yx, [None], level, mpp)
     if isinstance(source, da.Array):
+        _check_pixels(name, source.dtype)
         array = source if source.ndim == 3 else source[..., None]
         info = ScanInfo(name, tuple(int(s) for s in array.shape), array.dtype.name, 0,
                         tuple(yx), (1.0,), None, array.chunksize[:2], None, None)
