@@ -322,7 +322,14 @@ def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) ->
                                  f"{_first_line(exc)}") from None
         for param in module.parameters():  # inference only; and no .grad warning on .to()
             param.requires_grad_(False)
-        return from_module(module, name=path.stem, spec=spec, geometry=geometry, owned=True)
+        try:
+            return from_module(module, name=path.stem, spec=spec, geometry=geometry,
+                               owned=True)
+        except RuntimeError as exc:  # parts of the archive (debug info) are read lazily
+            if not any(m in str(exc) for m in ("unpickling", "PytorchStreamReader")):
+                raise
+            raise ModelFileError(f"{path}: not a readable TorchScript file: "
+                                 f"{_first_line(exc)}") from None
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
         return _load_exported(path, spec, geometry)
     raise _pickled(path)

@@ -182,12 +182,15 @@ class TiffLevelReader(ArrayReader):
             raise _cannot(self.path, exc) from exc
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        try:
-            windows = self._handle().windows  # tiles decoded in this thread: reads scale
-            if windows is not None and isinstance(key, tuple) and len(key) in (2, 3) and all(
-                    isinstance(k, slice) and k.step in (None, 1) for k in key[:2]):
+        windows = self._handle().windows  # tiles decoded in this thread: reads scale
+        if windows is not None and isinstance(key, tuple) and len(key) in (2, 3) and all(
+                isinstance(k, slice) and k.step in (None, 1) for k in key[:2]):
+            try:
                 out = windows.read(key[0], key[1])
-                return out if len(key) == 2 else out[:, :, key[2]]
+            except Exception as exc:  # a corrupt tile, table or file: one clear error
+                raise _cannot(self.path, exc) from exc
+            return out if len(key) == 2 else out[:, :, key[2]]
+        try:
             return super().__getitem__(key)
         except (IndexError, OSError, ValueError):
             raise
@@ -261,12 +264,21 @@ def _tiff_meta(path: str) -> dict[str, Any]:
     return {"yx": yx, "tiles": tiles, "mpps": mpps, "crs": crs, "gt0": gt0}
 
 
+#: Largest image tilefcn opens (px): 2**40, a 1-megapixel-squared scan (the largest slides
+#: are ~2·10^10 px); a header declaring more is corrupt or hostile.
+MAX_PIXELS = 2**40
+
+
 def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> Scan:
     try:
         meta = _tiff_meta(path)
     except Exception as exc:
         raise _cannot(path, exc) from exc
     yx = meta["yx"]
+    if max(y * x for y, x in yx) > MAX_PIXELS:
+        y, x = max(yx, key=lambda v: v[0] * v[1])
+        raise ValueError(f"cannot read {path}: it declares an image of {y}x{x} px, more than "
+                         f"the {MAX_PIXELS:.2g} px tilefcn reads (corrupt header?)")
     chosen = scanmeta.select_level(path, yx, meta["mpps"], level, mpp)
     reader = TiffLevelReader(path, 0, chosen)
     geot = scanmeta.level_geotransform(meta["gt0"], yx, chosen)

@@ -55,6 +55,9 @@ class TileWindows:
         index = [ty * across + tx for ty in range(y0 // th, math.ceil(y1 / th))
                  for tx in range(x0 // tw, math.ceil(x1 / tw))]
         page, fh = self.page, self.page.parent.filehandle
+        if index[-1] >= min(len(page.dataoffsets), len(page.databytecounts)):
+            raise ValueError(f"the file's tile table has {len(page.dataoffsets)} entries, "
+                             f"the image needs {index[-1] + 1} or more (corrupt file?)")
         offsets = [page.dataoffsets[i] for i in index]
         counts = [page.databytecounts[i] for i in index]
         for data, i in fh.read_segments(offsets, counts, indices=index, lock=self.lock):
