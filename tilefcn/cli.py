@@ -6,6 +6,7 @@ stderr; ``tilefcn --debug …`` shows the traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -37,12 +38,16 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            click.echo("Interrupted: run the same command with --resume to continue.", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that reports all failures
             _traceback_if_debug(ctx)
             code = 2 if isinstance(exc, BAD_INPUT) else 1
-            click.echo(f"Error: {_first_line(str(exc)) or repr(exc)}", err=True)
+            message = _first_line(str(exc)) or repr(exc)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                message = ("no space left on device while writing; free some space, then "
+                           "run the same command with --resume")
+            click.echo(f"Error: {message}", err=True)
             sys.exit(code)
 
 
