@@ -95,7 +95,11 @@ def test_cli_run_on_a_real_cluster_equals_whole_image(cluster, tmp_path):
     assert len(plugins) == 2 and all(PLUGIN_NAME in p for p in plugins.values())
     assert len({r["pid"] for r in reports.values()}) == 2
     assert sum(r["engines"] for r in reports.values()) >= 1  # models cached on the workers
-    assert group.attrs["tilefcn"]["job"]["device"] == "auto"  # resolved on the workers
+    job = group.attrs["tilefcn"]["job"]
+    assert job["device"] == "auto"  # resolved on the workers, and recorded per worker:
+    assert len(job["workers"]) == 2
+    assert {w["device"] for w in job["workers"].values()} == {"cpu"}
+    assert job["backend_choice"]["backend"] in {w["backend"] for w in job["workers"].values()}
 
 
 def test_cuda_asked_of_cpu_workers_is_a_clear_error_and_writes_nothing(cluster, tmp_path):

@@ -105,6 +105,23 @@ def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any
     }
 
 
+def _record_workers(prediction: Prediction, out: Path, client: Any) -> None:
+    """What each worker chose (device, backend, measured rates) into ``tilefcn.job.workers``;
+    the first worker's choice becomes the run's (for ``--verbose``)."""
+    from tilefcn.runtime.plugin import worker_report
+
+    reports = client.run(worker_report)
+    group = zarr.open_group(out, mode="r+", zarr_format=3)
+    attrs = dict(group.attrs["tilefcn"])
+    attrs["job"] = {**attrs.get("job", {}), "workers": {
+        address: {k: r.get(k) for k in ("device", "backend", "gpu")}
+        for address, r in sorted(reports.items())}}
+    choices = [r["choice"] for _, r in sorted(reports.items()) if r.get("choice")]
+    if choices and not prediction.ref.choice:
+        prediction.ref.choice = attrs["job"]["backend_choice"] = choices[0]
+    group.attrs["tilefcn"] = attrs
+
+
 def _pyramid_levels(out: Path) -> int:
     """How many pyramid arrays the run created (``"1"``, ``"2"``, …)."""
     names = set(zarr.open_group(out, mode="r", zarr_format=3).array_keys())
@@ -222,6 +239,8 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
     _compute(graph, writes + pyramid, client, counted=writes, workers=workers,
              progress=progress, total=tiles, done=len(skip))
+    if client is not None:
+        _record_workers(prediction, out, client)
     finish_ome_zarr(out, levels=_pyramid_levels(out))
     return len(resumed - prediction.masked)
 

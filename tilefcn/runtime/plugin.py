@@ -38,7 +38,8 @@ class RuntimePlugin(WorkerPlugin):
         if self.ref is not None:
             engine = get_engine(self.ref)
             worker.tilefcn = {"device": str(engine.device), "backend": engine.backend,
-                              "gpu": worker_gpu(), "engines": cached_engines()}
+                              "choice": engine.choice, "gpu": worker_gpu(),
+                              "engines": cached_engines()}
 
 
 def worker_report(dask_worker) -> dict:  # noqa: ANN001 - for Client.run
