@@ -184,7 +184,7 @@ def test_cuda_runs_carry_gpu_resources(tmp_path):
     array = create_ome_zarr(tmp_path / "h.zarr", shape=(2, *prediction.plan.out_shape),
                             chunks=(64, 64), scale=(1, 1), translation=(0, 0), unit=None,
                             attrs={})
-    graph, writes, pyramid = job._zarr_graph(prediction, tmp_path / "h.zarr", array,
+    graph, writes, pyramid, _ = job._zarr_graph(prediction, tmp_path / "h.zarr", array,
                                              "float32", set(), 2, gpu_resources=True)
     annotated = {name: layer.annotations for name, layer in graph.layers.items()}
     write_layer = writes[0][0]

@@ -62,8 +62,7 @@ SCHEDULER_TIMEOUT = "30s"
 
 
 @contextlib.contextmanager
-def executor(scheduler: str | None, workers: int, gpus: int | None = None,
-              torch_threads: int | None = None) -> Iterator[Any]:
+def executor(scheduler: str | None, workers: int, gpus: int | None = None) -> Iterator[Any]:
     """A connected ``distributed.Client`` (also dask's default while open), or local threads.
 
     ``gpus``: a local cluster of one worker process per GPU (:func:`gpu_cluster`).
@@ -71,19 +70,19 @@ def executor(scheduler: str | None, workers: int, gpus: int | None = None,
     """
     if gpus:
         with gpu_cluster(gpus) as cluster:
-            with _client(cluster, torch_threads) as client:
+            with _client(cluster) as client:
                 yield client
         return
     if not scheduler:
         with dask.config.set(scheduler="threads", num_workers=workers):
             yield None
         return
-    with _client(scheduler, torch_threads) as client:
+    with _client(scheduler) as client:
         yield client
 
 
 @contextlib.contextmanager
-def _client(address: Any, torch_threads: int | None) -> Iterator[Any]:
+def _client(address: Any) -> Iterator[Any]:
     from distributed import Client
 
     from tilefcn.runtime.plugin import RuntimePlugin
@@ -93,7 +92,7 @@ def _client(address: Any, torch_threads: int | None) -> Iterator[Any]:
     except (OSError, TimeoutError) as exc:
         raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
     with client:
-        client.register_plugin(RuntimePlugin(torch_threads=torch_threads))
+        client.register_plugin(RuntimePlugin())
         yield client
 
 

@@ -29,7 +29,7 @@ from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
 from tilefcn.read import Scan, ScanInfo
 from tilefcn.sinks import ZarrSink
 from tilefcn.write import (
-    OUTPUT_DTYPES,
+    check_dtype,
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
@@ -122,23 +122,19 @@ def _record_workers(prediction: Prediction, out: Path, client: Any) -> None:
     group.attrs["tilefcn"] = attrs
 
 
-def _pyramid_levels(out: Path) -> int:
-    """How many pyramid arrays the run created (``"1"``, ``"2"``, …)."""
-    names = set(zarr.open_group(out, mode="r", zarr_format=3).array_keys())
-    return max([0, *(int(n) for n in names if n.isdigit())])
-
-
 def _group_size(tiles: int, workers: int) -> int:
     """Tiles per write task: enough tasks to keep every worker busy (≥ 4 each), at most 8."""
     return max(1, min(8, tiles // (4 * max(1, workers))))
 
 
 def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip: set,
-                workers: int, gpu_resources: bool) -> tuple[HighLevelGraph, list, list]:
-    """The write tasks (level 0) and the pyramid tasks built from them, in one graph.
+                workers: int, gpu_resources: bool) -> tuple[HighLevelGraph, list, list, int]:
+    """The write tasks (level 0) and the pyramid tasks built from them, in one graph (the
+    pyramid's empty arrays are created in the store here).
 
-    Returns ``(graph, write keys, pyramid keys)``. With ``gpu_resources`` the write tasks
-    carry ``resources={"GPU": 1}`` (one model per GPU on a ``--resources GPU=1`` fleet).
+    Returns ``(graph, write keys, pyramid keys, pyramid levels)``. With ``gpu_resources``
+    the write tasks carry ``resources={"GPU": 1}`` (one model per GPU on a
+    ``--resources GPU=1`` fleet).
     """
     token = prediction.name.rsplit("-", 1)[-1]
     name = f"tilefcn-write-{token}"
@@ -160,7 +156,7 @@ def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip:
                                           level1=writer if level1 is not None else None)
     layers = {**graph.layers, f"tilefcn-pyramid-{token}": MaterializedLayer(pyramid)}
     deps = {**graph.dependencies, f"tilefcn-pyramid-{token}": {name}}
-    return HighLevelGraph(layers, deps), list(layer), pyramid_keys
+    return HighLevelGraph(layers, deps), list(layer), pyramid_keys, len(levels)
 
 
 def _compute(graph: HighLevelGraph, keys: list, client: Any, *, counted: list, workers: int,
@@ -236,12 +232,13 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     if progress:
         progress(len(skip), tiles)
     gpu = str(prediction.ref.device).startswith("cuda") and has_gpu_workers(client)
-    graph, writes, pyramid = _zarr_graph(prediction, out, array, dtype, skip, workers, gpu)
+    graph, writes, pyramid, levels = _zarr_graph(prediction, out, array, dtype, skip, workers,
+                                                 gpu)
     _compute(graph, writes + pyramid, client, counted=writes, workers=workers,
              progress=progress, total=tiles, done=len(skip))
     if client is not None:
         _record_workers(prediction, out, client)
-    finish_ome_zarr(out, levels=_pyramid_levels(out))
+    finish_ome_zarr(out, levels=levels)
     return len(resumed - prediction.masked)
 
 
@@ -268,8 +265,7 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
             raise ValueError("an output path is needed when the image is not a file")
         out = default_output(source)
     out = Path(out)
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     tiff = out.suffix.lower() in (".tif", ".tiff")
     if tiff and dtype != "float32":
         raise ValueError(f"--dtype {dtype} is for OME-Zarr outputs; GeoTIFFs are float32")
@@ -301,6 +297,6 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     computed = 1.0 - (skipped + len(prediction.masked)) / tiles
     return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
                       skipped, seconds, height * width * computed / 1e6,
-                      len(prediction.masked), prediction.ref.backend if not prediction.ref.choice
-                      else prediction.ref.choice.get("backend", prediction.ref.backend),
+                      len(prediction.masked),
+                      (prediction.ref.choice or {}).get("backend", prediction.ref.backend),
                       prediction.ref.choice)

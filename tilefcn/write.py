@@ -45,7 +45,8 @@ from tilefcn.identity import identity_mismatch
 from tilefcn.pyramid import build_pyramid
 from tilefcn.read import tiff_description
 
-__all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_output", "create_ome_zarr",
+__all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_dtype", "check_output",
+           "create_ome_zarr",
            "decode_scale", "encode_block", "finish_ome_zarr", "write_geotiff",
            "write_preview_png", "written_chunks"]
 
@@ -76,7 +77,8 @@ PALETTE = np.array([
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def _check_dtype(dtype: str) -> str:
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of :data:`OUTPUT_DTYPES`, else ``ValueError``."""
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     return dtype
@@ -86,7 +88,7 @@ def encode_block(block: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities ``p`` as stored: float32 as is, float16 cast, uint8
     ``round(clip(p, 0, 1) · 255)``. Raises ``ValueError`` for NaN with uint8. A block
     already of ``dtype`` (encoded by the engine on the device) is returned as is."""
-    if block.dtype == np.dtype(_check_dtype(dtype)):
+    if block.dtype == np.dtype(check_dtype(dtype)):
         return block
     if dtype == "float32":
         return np.asarray(block, dtype=np.float32)
@@ -100,7 +102,7 @@ def encode_block(block: np.ndarray, dtype: str) -> np.ndarray:
 
 def decode_scale(dtype: str) -> float:
     """The divisor that turns stored values back into probabilities: 255 for uint8, else 1."""
-    return 255.0 if _check_dtype(dtype) == "uint8" else 1.0
+    return 255.0 if check_dtype(dtype) == "uint8" else 1.0
 
 
 def _fill_value(dtype: str) -> float:
@@ -191,7 +193,7 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
     p = Path(path)
     if mode not in ("new", "overwrite", "resume"):
         raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
-    _check_dtype(dtype)
+    check_dtype(dtype)
     shape = tuple(int(v) for v in shape)
     chunks = (shape[0], *(int(c) for c in chunks))
     config = {"write_empty_chunks": True}  # every written chunk exists: resume can see it

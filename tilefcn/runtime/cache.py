@@ -87,7 +87,8 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
     options is checked here: workers resolve ``device="cuda"`` on their own GPUs.
     ``shapes``: the sub-window shapes the plan will run (:func:`tilefcn.plan.sub_window_shapes`);
     a backend other than eager torch is used only if it matches torch on every one.
-    ``torch_threads`` defaults to 1 on CPU: one torch thread per dask thread (DESIGN §5).
+    ``torch_threads`` None means 1 on CPU (:func:`get_engine`): one torch thread per dask
+    thread (DESIGN §5).
     """
     check_device_name(device)
     check_precision(precision)
@@ -96,8 +97,6 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
                               or batch < 1):
         raise ValueError(f"batch must be a positive whole number, got {batch!r}")
-    if local and torch_threads is None and resolve_device(device).type == "cpu":
-        torch_threads = 1
     ref = ModelRef(f"{model.fingerprint or model.sha256}:{model.spec}", model.spec,
                    str(device), torch_threads, model, model.geometry, backend, precision,
                    batch, sub_tile, frozenset(shapes))

@@ -24,17 +24,15 @@ class RuntimePlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, ref: ModelRef | None = None, torch_threads: int | None = None) -> None:
+    def __init__(self, ref: ModelRef | None = None) -> None:
         self.ref = ref
-        self.torch_threads = torch_threads
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
         import torch
 
         exact_math()
         cores, nthreads = os.cpu_count() or 1, max(1, worker.state.nthreads)
-        threads = self.torch_threads or max(1, cores // nthreads)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, cores // nthreads))  # CPU tasks set theirs: get_engine
         if self.ref is not None:
             engine = get_engine(self.ref)
             worker.tilefcn = {"device": str(engine.device), "backend": engine.backend,
