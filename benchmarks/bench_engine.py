@@ -46,6 +46,19 @@ def near_free(stride: int):
     return nn.Sequential(*layers, nn.Conv2d(3, 2, 1)).eval()
 
 
+def bench_slide(workdir: str | None, size: int, prefix: str = "tilefcn-bench-") -> Path:
+    """The ``size``² JPEG-tiled synthetic slide in ``workdir`` (a new temporary folder when
+    None), generated once and reused by later runs."""
+    from tilefcn.synthetic import write_slide
+
+    folder = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    slide = folder / f"slide{size}.ome.tif"
+    if not slide.exists():
+        write_slide(slide, (size, size), seed=size, compression="jpeg")
+    return slide
+
+
 def decode_rate(slide: str, threads: int = 2, window: int = 2048,
                 through_store: bool = False) -> float:
     """MP/s reading + decoding every pixel through the scan's window reader
@@ -199,13 +212,8 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from tilefcn.synthetic import write_slide
-
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilefcn-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    slide = workdir / f"slide{args.size}.ome.tif"
-    if not slide.exists():
-        write_slide(slide, (args.size, args.size), seed=args.size, compression="jpeg")
+    slide = bench_slide(args.workdir, args.size)
+    workdir = slide.parent
     print(f"{cpu_name()}, {os.cpu_count()} cores; slide {args.size}² JPEG-tiled")
     decode = max(decode_rate(str(slide)) for _ in range(2))
     print(f"decode (read + JPEG, 2 threads):            {decode:7.1f} MP/s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,16 +92,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device here: bench_gpu.py has nothing to measure (exit 0)")
         return
-    from bench_engine import decode_rate
+    from bench_engine import bench_slide, decode_rate
 
     from tilefcn import job
-    from tilefcn.synthetic import write_slide
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tilefcn-gpu-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    slide = workdir / f"slide{args.size}.ome.tif"
-    if not slide.exists():
-        write_slide(slide, (args.size, args.size), seed=args.size, compression="jpeg")
+    slide = bench_slide(args.workdir, args.size, "tilefcn-gpu-")
+    workdir = slide.parent
     result: dict = {"gpu": torch.cuda.get_device_name(0), "size": args.size}
     result["decode_mp_per_s"] = decode_rate(str(slide), threads=4)
     rate, busy = busy_fraction(str(slide), workdir / "local.zarr", args.model)
