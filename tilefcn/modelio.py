@@ -14,6 +14,7 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from zlib import error as zlib_error
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -307,10 +308,12 @@ def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) ->
     if head != b"PK\x03\x04":
         raise ModelFileError(f"{path}: not a model file (expected a TorchScript or "
                              "ExportedProgram archive, a bundle folder or a built-in name)")
-    try:
+    try:  # every entry's CRC, before torch reads any of it (some parts it reads lazily)
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+            names, bad = archive.namelist(), archive.testzip()
+        if bad is not None:
+            raise zipfile.BadZipFile(f"bad CRC in {bad}")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as exc:
         raise ModelFileError(f"{path}: the model archive is truncated or corrupt "
                              f"({_first_line(exc)})") from None
     if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
@@ -322,14 +325,7 @@ def _load_torch_file(path: Path, spec: str, geometry: Geometry | None = None) ->
                                  f"{_first_line(exc)}") from None
         for param in module.parameters():  # inference only; and no .grad warning on .to()
             param.requires_grad_(False)
-        try:
-            return from_module(module, name=path.stem, spec=spec, geometry=geometry,
-                               owned=True)
-        except RuntimeError as exc:  # parts of the archive (debug info) are read lazily
-            if not any(m in str(exc) for m in ("unpickling", "PytorchStreamReader")):
-                raise
-            raise ModelFileError(f"{path}: not a readable TorchScript file: "
-                                 f"{_first_line(exc)}") from None
+        return from_module(module, name=path.stem, spec=spec, geometry=geometry, owned=True)
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
         return _load_exported(path, spec, geometry)
     raise _pickled(path)
