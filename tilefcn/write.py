@@ -44,6 +44,7 @@ from zarr.core.sync import sync
 from tilefcn.identity import identity_mismatch
 from tilefcn.pyramid import build_pyramid
 from tilefcn.read import tiff_description
+from tilefcn.viewers import PALETTE, omero_metadata
 
 __all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_dtype", "check_output",
            "create_ome_zarr",
@@ -65,14 +66,6 @@ COMPRESSORS: dict[str, tuple] = {
     "float16": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
     "uint8": (ZstdCodec(level=3),),
 }
-
-#: Class colours (RGB) of the preview, cycled when there are more classes.
-PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
-], dtype=np.uint8)
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -176,6 +169,14 @@ def _multiscales(name: str, unit: str | None, scale: tuple[float, float],
     return [{"name": name, "axes": axes, "datasets": datasets}]
 
 
+def _omero(attrs: dict, channels: int, dtype: str) -> dict:
+    """``{"omero": …}`` naming the channels by ``attrs["classes"]`` (none without names)."""
+    classes = attrs.get("classes")
+    if not isinstance(classes, list) or len(classes) != channels:
+        return {}
+    return {"omero": omero_metadata([str(c) for c in classes], dtype)}
+
+
 def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
                     chunks: tuple[int, int], scale: tuple[float, float],
                     translation: tuple[float, float], unit: str | None, attrs: dict,
@@ -219,7 +220,8 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
         group.attrs.put({
             **dict(group.attrs),
             "ome": {"version": "0.5",
-                    "multiscales": _multiscales(p.stem, unit, scale, translation, 1)},
+                    "multiscales": _multiscales(p.stem, unit, scale, translation, 1),
+                    **_omero(attrs, shape[0], dtype)},
             "tilefcn": {**old, **attrs, "status": "running"}})
         return array
     if p.exists() or p.is_symlink():
@@ -234,7 +236,8 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
     group = zarr.open_group(p, mode="w-", zarr_format=3)
     group.attrs.put({
         "ome": {"version": "0.5",
-                "multiscales": _multiscales(p.stem, unit, scale, translation, 1)},
+                "multiscales": _multiscales(p.stem, unit, scale, translation, 1),
+                **_omero(attrs, shape[0], dtype)},
         "tilefcn": {**attrs, "status": "running"},
     })
     return group.create_array("0", shape=shape, chunks=chunks, dtype=dtype,
