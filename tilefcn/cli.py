@@ -12,10 +12,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tilefcn import __version__
+
+if TYPE_CHECKING:
+    from tilefcn.job import RunSummary
 
 SMALL_SUB_TILE = 64  # px; below this the per-call overhead and halo dominate
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
@@ -105,13 +109,20 @@ class _Bar:
 
 
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, metavar="IMAGES...",
+                type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--model", "model", default="tissue", show_default=True,
               help="Built-in name, bundle directory, .pt2 ExportedProgram, TorchScript file "
                    "or package.module:function factory.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output: .zarr (OME-Zarr, default <stem>.heatmap.zarr next to the input) "
-                   "or .tif (tiled GeoTIFF).")
+                   "or .tif (tiled GeoTIFF). One input only; a cohort uses --out-dir.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Cohort: write <stem>.heatmap.zarr of every scan here, and the summary "
+                   "(tilefcn-summary.csv/.json). Several IMAGES, a folder or a CSV manifest "
+                   "(image[,out][,mask]) make a cohort: complete outputs of the same job are "
+                   "skipped, unfinished ones resumed, a failed scan reported (exit 1) while "
+                   "the others go on.")
 @click.option("--tile", type=click.IntRange(min=16), help="Chunk edge in input pixels "
               "(default 2048, less for small scans; rounded up to the model's alignment).")
 @click.option("--sub-tile", type=click.IntRange(min=16), help="Edge of the halo'd sub-tiles "
@@ -122,9 +133,20 @@ class _Bar:
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Local worker threads (default: number of cores).")
+              help="Local workers: threads for one scan (default: number of cores); for a "
+                   "cohort, or with --processes, that many worker processes of one thread "
+                   "(a dask LocalCluster: scans and tiles in parallel).")
+@click.option("--processes/--threads", default=None,
+              help="Whether --workers N starts local worker processes (default for a "
+                   "cohort) or threads in this process (default for one scan).")
 @click.option("--scheduler", help="Address of a dask.distributed scheduler, e.g. "
               "tcp://10.0.0.5:8786 (workers need tilefcn installed).")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file written by `dask scheduler --scheduler-file` (or SLURMRunner, "
+                   "dask-mpi): connect to that scheduler.")
+@click.option("--scans-in-flight", type=click.IntRange(min=1),
+              help="Cohort on a cluster: scans submitted at a time (default 4; 1 on local "
+                   "threads), bounding client and scheduler memory for long manifests.")
 @click.option("--mask", "mask", default="none", show_default=True, metavar="none|auto|PATH",
               help="none: compute every tile; auto: skip tiles without tissue (brightfield) "
                    "or with nodata only (other scans); PATH: a mask image, non-zero = compute. "
@@ -150,12 +172,39 @@ class _Bar:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Also print the backend chosen and the "
                                                     "rates measured.")
-def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: int | None,
+def run(images: tuple[Path, ...], out_dir: Path | None, scheduler_file: Path | None,
+        processes: bool | None, scans_in_flight: int | None, **params: Any) -> None:
+    """Predict IMAGES (TIFF/OME-TIFF/SVS/GeoTIFF/zarr scans, folders of them, or CSV
+    manifests) and write each heatmap chunk by chunk."""
+    from tilefcn.cohort import is_cohort
+
+    if scheduler_file is not None:
+        if params["scheduler"] or params["gpus"]:
+            raise click.UsageError("give one of --scheduler, --scheduler-file, --gpus")
+        from tilefcn.cluster import read_scheduler_file
+
+        params["scheduler"] = read_scheduler_file(scheduler_file)
+    if is_cohort(images, out_dir):
+        from tilefcn.cli_cohort import run_cohort_command
+
+        run_cohort_command(_run_one, images, out_dir, processes, scans_in_flight, params)
+        return
+    if processes and params["workers"] and not (params["scheduler"] or params["gpus"]):
+        from tilefcn.cluster import cluster_client
+
+        with cluster_client(processes=params["workers"]) as client:
+            summary = _run_one(images[0], **{**params, "scheduler": client})
+    else:
+        summary = _run_one(images[0], **params)
+    _report_scan(summary, params["verbose"])
+
+
+def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: int | None,
         level: int | None, mpp: float | None, device: str, workers: int | None,
         scheduler: str | None, gpus: int | None, backend: str, batch: int | None,
         precision: str, dtype: str, mask: str, overwrite: bool, resume: bool, quiet: bool,
-        verbose: bool) -> None:
-    """Predict IMAGE (TIFF/OME-TIFF/SVS/GeoTIFF/zarr) and write the heatmap chunk by chunk."""
+        verbose: bool, skip_complete: bool = False) -> RunSummary:
+    """One scan of `tilefcn run` (also each scan of a cohort): open, run, return the summary."""
     from tilefcn.job import run as run_scan
 
     if level is not None and mpp is not None:
@@ -175,9 +224,14 @@ def run(image: Path, model: str, out: Path | None, tile: int | None, sub_tile: i
                            workers=workers, scheduler=scheduler, gpus=gpus,
                            overwrite=overwrite, resume=resume, sub_tile=sub_tile, mask=mask,
                            backend=backend, precision=precision, batch=batch, dtype=dtype,
-                           progress=bar)
+                           progress=bar, skip_complete=skip_complete)
     finally:
         bar.close()
+    return summary
+
+
+def _report_scan(summary: RunSummary, verbose: bool) -> None:
+    """The lines printed after one scan: the backend (``--verbose``) and what was written."""
     if verbose:
         choice = summary.backend_choice or {}
         rates = ", ".join(f"{k} {v:.1f} MP/s" for k, v in
@@ -223,6 +277,33 @@ def _describe(target: str) -> dict:
 
 
 @main.command()
+@click.argument("heatmap", type=click.Path(path_type=Path))
+@click.option("--geojson", "geojson", required=True, type=click.Path(path_type=Path),
+              help="GeoJSON file to write (.geojson/.json): one Feature per region, "
+                   "QuPath annotations (objectType, classification name and colour).")
+@click.option("--class", "classes", multiple=True, metavar="NAME",
+              help="Export only this class (repeatable; default: every class).")
+@click.option("--threshold", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="A region is where the class probability is >= P (classes may overlap); "
+                   "default: where the class is the most probable one.")
+@click.option("--crs", "crs", is_flag=True, help="Coordinates in the scan's CRS (for QGIS; "
+              "georeferenced scans only) instead of level-0 scan pixels (QuPath).")
+@click.option("--level", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Heatmap pyramid level to vectorise (higher: coarser, fewer vertices).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing GeoJSON file.")
+def export(heatmap: Path, geojson: Path, classes: tuple[str, ...], threshold: float | None,
+           crs: bool, level: int, overwrite: bool) -> None:
+    """Write the class regions of a HEATMAP (OME-Zarr) as GeoJSON polygons, chunk by chunk."""
+    from tilefcn.regions import export_geojson
+
+    result = export_geojson(heatmap, geojson, classes=list(classes) or None,
+                            threshold=threshold, crs=crs, level=level, overwrite=overwrite)
+    counts = ", ".join(f"{name} {n}" for name, n in result.polygons.items())
+    click.echo(f"Wrote {result.out}: {sum(result.polygons.values())} polygons ({counts}) in "
+               + (f"{result.crs} coordinates" if result.crs else "level-0 scan pixels"))
+
+
+@main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("tilefcn-demo"), show_default=True,
               help="Folder for the synthetic slide, its heatmap and the preview.")
@@ -261,10 +342,16 @@ def demo(out_dir: Path, size: int, seed: int, quiet: bool) -> None:
               "(default: names stored in the mask, else class0, class1, ...).")
 @click.option("--samples-per-class", type=click.IntRange(min=2), default=2000,
               show_default=True, help="Patches sampled per class (balanced).")
+@click.option("--stain-augment", is_flag=True, help="RGB brightfield: re-stain patches with "
+              "random stain vectors (H&E to IHC), jitter colour, blur and JPEG re-encode them "
+              "while training, so the model generalises beyond the training stain.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="µm per pixel the "
+              "model is trained at, recorded in the bundle (default: the scans' pixel size).")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(pairs: tuple[Path, ...], out: Path, epochs: int, patch: int, seed: int,
-          classes: str | None, samples_per_class: int, overwrite: bool, quiet: bool) -> None:
+          classes: str | None, samples_per_class: int, stain_augment: bool, mpp: float | None,
+          overwrite: bool, quiet: bool) -> None:
     """Train a patch classifier on IMAGE MASK pairs and save it as a bundle for `run`."""
     from tilefcn.train import EpochReport
     from tilefcn.train import train as train_model
@@ -286,6 +373,7 @@ def train(pairs: tuple[Path, ...], out: Path, epochs: int, patch: int, seed: int
     result = train_model(list(zip(pairs[::2], pairs[1::2], strict=True)), out, epochs=epochs,
                          patch=patch, seed=seed, classes=names,
                          samples_per_class=samples_per_class, overwrite=overwrite,
+                         stain_augment=stain_augment, mpp=mpp,
                          progress=report if not quiet else False)
     click.echo(f"Validation accuracy {result.val_accuracy:.3f} on {result.samples} patches "
                f"in {result.seconds:.0f} s; bundle written to {result.bundle}")

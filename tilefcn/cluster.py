@@ -1,5 +1,7 @@
 """Where the tasks run: local threads, a ``distributed`` scheduler, or a local cluster of
-GPU workers (``--gpus N``: one worker process per GPU).
+GPU workers (``--gpus N``: one worker process per GPU); for cohorts, one client shared by
+all scans (:func:`cluster_client`: an address, a scheduler file, ``--workers N`` local
+processes or ``--gpus N``).
 
 With dask-cuda installed its ``LocalCUDACluster`` is used; otherwise a
 ``distributed.SpecCluster`` of nannies, each with ``CUDA_VISIBLE_DEVICES`` set to its own GPU
@@ -10,7 +12,10 @@ tasks (annotated ``resources={"GPU": 1}``) run one model per GPU.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -61,13 +66,23 @@ def gpu_cluster(gpus: int, *, threads: int = 2, per_gpu: int = 1,
 SCHEDULER_TIMEOUT = "30s"
 
 
+def _is_client(scheduler: Any) -> bool:
+    return scheduler is not None and not isinstance(scheduler, str) and \
+        hasattr(scheduler, "scheduler_info")
+
+
 @contextlib.contextmanager
-def executor(scheduler: str | None, workers: int, gpus: int | None = None) -> Iterator[Any]:
+def executor(scheduler: Any, workers: int, gpus: int | None = None) -> Iterator[Any]:
     """A connected ``distributed.Client`` (also dask's default while open), or local threads.
 
-    ``gpus``: a local cluster of one worker process per GPU (:func:`gpu_cluster`).
-    On a client the :class:`~tilefcn.runtime.plugin.RuntimePlugin` prepares every worker.
+    ``scheduler``: an address, or an already connected ``Client`` (used as it is and left
+    open: a cohort shares one client between its scans). ``gpus``: a local cluster of one
+    worker process per GPU (:func:`gpu_cluster`). On a client the
+    :class:`~tilefcn.runtime.plugin.RuntimePlugin` prepares every worker.
     """
+    if _is_client(scheduler):
+        yield scheduler
+        return
     if gpus:
         with gpu_cluster(gpus) as cluster:
             with _client(cluster) as client:
@@ -79,6 +94,61 @@ def executor(scheduler: str | None, workers: int, gpus: int | None = None) -> It
         return
     with _client(scheduler) as client:
         yield client
+
+
+@contextlib.contextmanager
+def local_cluster(processes: int, *, threads: int = 1) -> Iterator[Any]:
+    """A ``LocalCluster`` of ``processes`` worker processes of ``threads`` threads each
+    (``--workers N`` for a cohort), closed on exit."""
+    from distributed import LocalCluster
+
+    if processes < 1:
+        raise ValueError(f"--workers must be at least 1, got {processes}")
+    with LocalCluster(n_workers=processes, threads_per_worker=threads, processes=True,
+                      dashboard_address=":0", silence_logs=40) as cluster:
+        yield cluster
+
+
+def read_scheduler_file(path: str | os.PathLike) -> str:
+    """The scheduler address in a ``--scheduler-file`` (JSON written by ``dask scheduler
+    --scheduler-file``, ``SLURMRunner`` or dask-mpi)."""
+    try:
+        address = json.loads(Path(path).read_text())["address"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such scheduler file: {path}") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a dask scheduler file (JSON with an "
+                         f"'address')") from None
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"{path} is not a dask scheduler file (no address)")
+    return address
+
+
+@contextlib.contextmanager
+def cluster_client(*, scheduler: str | None = None,
+                   scheduler_file: str | os.PathLike | None = None,
+                   processes: int | None = None, gpus: int | None = None) -> Iterator[Any]:
+    """One client for a whole cohort: a scheduler address, a ``--scheduler-file`` (JSON
+    written by ``dask scheduler --scheduler-file``), a local cluster of ``processes`` worker
+    processes, or of one process per GPU; ``None`` (local threads) when none is given."""
+    given = [n for n, v in (("--scheduler", scheduler), ("--scheduler-file", scheduler_file),
+                            ("--gpus", gpus)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give one of --scheduler, --scheduler-file, --gpus, not "
+                         f"{' and '.join(given)}")
+    if scheduler_file:
+        scheduler = read_scheduler_file(scheduler_file)
+    if scheduler:
+        with _client(scheduler) as client:
+            yield client
+    elif gpus:
+        with gpu_cluster(gpus) as cluster, _client(cluster) as client:
+            yield client
+    elif processes:
+        with local_cluster(processes) as cluster, _client(cluster) as client:
+            yield client
+    else:
+        yield None
 
 
 @contextlib.contextmanager
@@ -94,6 +164,12 @@ def _client(address: Any) -> Iterator[Any]:
     with client:
         client.register_plugin(RuntimePlugin())
         yield client
+
+
+def scheduler_lost(client: Any) -> bool:
+    """Whether ``client`` has lost its scheduler (its connection closed or failing)."""
+    return client is not None and getattr(client, "status", "running") not in (
+        "running", "connecting", "newly-created")
 
 
 def has_gpu_workers(client: Any) -> bool:

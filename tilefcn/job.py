@@ -22,9 +22,10 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
 from tilefcn.cluster import executor, has_gpu_workers
+from tilefcn.cog import PIXEL_GEOTRANSFORM, CogSink, check_geotiff_dtype, gather_into, source_crs
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
-from tilefcn.identity import job_identity
+from tilefcn.identity import identity_mismatch, job_identity
 from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
 from tilefcn.read import Scan, ScanInfo
 from tilefcn.sinks import ZarrSink
@@ -33,7 +34,6 @@ from tilefcn.write import (
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
-    write_geotiff,
     written_chunks,
 )
 
@@ -53,6 +53,7 @@ class RunSummary:
     tiles_masked: int = 0
     backend: str = "auto"
     backend_choice: dict | None = None
+    already_complete: bool = False  # skip_complete found this job's output complete
 
     @property
     def mp_per_s(self) -> float:
@@ -75,15 +76,20 @@ def heatmap_transform(geometry: Geometry, axis: int) -> tuple[float, float]:
     return float(geometry.stride[axis]), geometry.centre(axis)
 
 
-def heatmap_geotransform(info: ScanInfo, geometry: Geometry) -> tuple[float, ...] | None:
-    """GDAL geotransform of the heatmap (pixel-is-area): its pixel ``i`` spans scan area
-    coordinates ``[o + r/2 - s/2 + s·i, … + s)`` (the receptive field's centre ± s/2)."""
-    if info.geotransform is None:
+def heatmap_geotransform(info: ScanInfo, geometry: Geometry,
+                         scan: tuple[float, ...] | None = None) -> tuple[float, ...] | None:
+    """GDAL geotransform of the heatmap (pixel-is-area) from the scan's ``(a, b, c, d, e, f)``
+    (``scan``, default ``info.geotransform``; ``X = a + b·col + c·row``, ``Y = d + e·col +
+    f·row``): heatmap pixel ``(i, j)`` spans scan area rows ``[t_y + s_y·i, … + s_y)``, columns
+    ``[t_x + s_x·j, … + s_x)`` with ``t = o + r/2 - s/2`` (the receptive field's centre ±
+    s/2), so it is ``(a + b·t_x + c·t_y, b·s_x, c·s_y, d + e·t_x + f·t_y, e·s_x, f·s_y)``."""
+    scan = info.geotransform if scan is None else scan
+    if scan is None:
         return None
-    x0, px_w, rot_x, y0, rot_y, px_h = info.geotransform
+    a, b, c, d, e, f = (float(v) for v in scan)
     (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
     left, top = tx + 0.5 - sx / 2, ty + 0.5 - sy / 2
-    return (x0 + px_w * left, px_w * sx, rot_x, y0 + px_h * top, rot_y, px_h * sy)
+    return (a + b * left + c * top, b * sx, c * sy, d + e * left + f * top, e * sx, f * sy)
 
 
 def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any]:
@@ -189,23 +195,47 @@ def _compute(graph: HighLevelGraph, keys: list, client: Any, *, counted: list, w
         dask.threaded.get(dict(graph), keys, num_workers=workers)
 
 
-def _write_tiff(prediction: Prediction, out: Path, progress: Progress | None) -> int:
-    """Stream the heatmap into a GeoTIFF (row strips of chunks); returns 0 tiles skipped."""
-    tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
-    pixels, written = prediction.plan.out_shape[0] * prediction.plan.out_shape[1], 0
+def _write_tiff(prediction: Prediction, out: Path, client: Any, dtype: str,
+                progress: Progress | None, workers: int) -> int:
+    """Write the heatmap tile by tile into a Cloud-Optimized GeoTIFF (:class:`CogSink`): by
+    this process's threads through the graph (one locked writer), or gathered from a
+    cluster's workers at most ``2 · workers`` groups at a time; returns 0 (never resumed).
 
-    def strip_done(n: int) -> None:  # strips of pixels → tiles-equivalent for the bar
-        nonlocal written
-        written += n
+    Georeferenced scans give the scan's CRS (WKT) and the heatmap's geotransform; others a
+    COG without CRS whose transform maps heatmap pixels onto scan pixels."""
+    info, geometry, plan = prediction.scan.info, prediction.model.geometry, prediction.plan
+    georef = info.geotransform is not None
+    sink = CogSink.open(
+        out, shape=(prediction.classes, *plan.out_shape),
+        chunks=(plan.chunks[0][0], plan.chunks[1][0]),
+        geotransform=heatmap_geotransform(info, geometry,
+                                          None if georef else PIXEL_GEOTRANSFORM),
+        crs=source_crs(info.source, info.crs) if georef or info.crs else None,
+        classes=list(prediction.model.classes),
+        description=_attrs(prediction, {"dtype": dtype}), dtype=dtype)
+    tiles, masked = plan.grid[0] * plan.grid[1], len(prediction.masked)
+    group = _group_size(tiles - masked, workers)
+    try:
         if progress:
-            progress(round(tiles * written / pixels), tiles)
+            progress(masked, tiles)
+        if client is not None and prediction.scan.reader is not None:
+            from tilefcn.runtime.plugin import RuntimePlugin
 
-    strip_done(0)
-    info = prediction.scan.info
-    write_geotiff(out, prediction.heatmap,
-                  geotransform=heatmap_geotransform(info, prediction.model.geometry),
-                  crs=info.crs, description=_attrs(prediction, {"dtype": "float32"}),
-                  progress=strip_done)
+            client.register_plugin(RuntimePlugin(prediction.ref))
+            gather_into(sink, prediction, client, group=group, window=2 * workers,
+                        progress=progress)
+        else:
+            name = f"tilefcn-cog-{prediction.name.rsplit('-', 1)[-1]}"
+            sink_d = dask.delayed(sink, name=f"{name}-sink", traverse=False)
+            layer, _ = prediction.write_layer(sink_d.key, set(prediction.masked), group, name)
+            graph = HighLevelGraph.from_collections(
+                name, layer, dependencies=[*prediction.dependencies, sink_d])
+            _compute(graph, list(layer), None, counted=list(layer), workers=workers,
+                     progress=progress, total=tiles, done=masked)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
     return 0
 
 
@@ -242,13 +272,25 @@ def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, optio
     return len(resumed - prediction.masked)
 
 
+def _complete_same_job(out: Path, prediction: Prediction, dtype: str) -> bool:
+    """Whether the store at ``out`` is ``complete`` and was written by this very job (same
+    identity record: source, model, plan, options); reads its attributes only."""
+    try:
+        attrs = dict(zarr.open_group(out, mode="r", zarr_format=3).attrs).get("tilefcn", {})
+    except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        return False
+    return (isinstance(attrs, dict) and attrs.get("status") == "complete" and
+            identity_mismatch(attrs.get("identity"),
+                              job_identity(prediction, dtype=dtype)) is None)
+
+
 def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
         tile: int | None = None, level: int | None = None, mpp: float | None = None,
         device: str = "auto", workers: int | None = None, scheduler: str | None = None,
         gpus: int | None = None, overwrite: bool = False, resume: bool = False,
         sub_tile: int | None = None, mask: str | None = None, backend: str = "auto",
         precision: str = "fp32", batch: int | None = None, dtype: str = "float32",
-        progress: Progress | None = None) -> RunSummary:
+        progress: Progress | None = None, skip_complete: bool = False) -> RunSummary:
     """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
 
     An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
@@ -257,7 +299,9 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     (OME-Zarr): ``float32`` (default), ``float16`` or ``uint8`` (``round(p · 255)``, no NaN,
     so no mask). ``backend``/``precision``/``batch``: see :func:`tilefcn.predict`.
     ``scheduler`` (an address) or ``gpus`` (a local cluster, one process per GPU) run the
-    tasks on ``distributed`` workers, each preparing its own device and model.
+    tasks on ``distributed`` workers, each preparing its own device and model (``scheduler``
+    may also be a connected ``Client``, left open). ``skip_complete`` (with ``resume``): an
+    output already ``complete`` for this same job is left as it is (``already_complete``).
     """
     if out is None:
         source = str(image.info.source if isinstance(image, Scan) else image)
@@ -267,8 +311,8 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     out = Path(out)
     check_dtype(dtype)
     tiff = out.suffix.lower() in (".tif", ".tiff")
-    if tiff and dtype != "float32":
-        raise ValueError(f"--dtype {dtype} is for OME-Zarr outputs; GeoTIFFs are float32")
+    if tiff:
+        check_geotiff_dtype(dtype)
     if dtype == "uint8" and mask not in (None, "none"):
         raise ValueError("--dtype uint8 cannot store the NaN of masked tiles; use float16")
     if scheduler and gpus:
@@ -281,13 +325,17 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
                                  sub_tile=sub_tile, torch_threads=threads, mask=mask,
                                  backend=backend, precision=precision, batch=batch,
                                  local=not distributed)
+    if skip_complete and mode == "resume" and _complete_same_job(out, prediction, dtype):
+        tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
+        return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
+                          tiles, 0.0, 0.0, len(prediction.masked), already_complete=True)
     start = time.perf_counter()
     with executor(scheduler, workers, gpus) as client:  # connect before writing anything
         if client is not None:
             workers = max(1, sum(w.get("nthreads", 1) for w in
                                  client.scheduler_info().get("workers", {}).values()))
         if tiff:
-            skipped = _write_tiff(prediction, out, progress)
+            skipped = _write_tiff(prediction, out, client, dtype, progress, workers)
         else:
             skipped = _write_zarr(prediction, out, mode, client, {"dtype": dtype}, progress,
                                   workers)
