@@ -129,7 +129,9 @@ class _Bar:
               "each task runs the model on (default 256 on CPU, 1024 on CUDA).")
 @click.option("--level", type=click.IntRange(min=0), help="Pyramid level to read (0 = full).")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True),
-              help="Read the pyramid level nearest this many µm per pixel.")
+              help="Read at this many µm per pixel: the pyramid level within 10% of it, "
+                   "else the nearest finer level area-averaged by an integer factor (never "
+                   "upsampled). The summary line says which level and µm/px were used.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=1),
@@ -148,9 +150,17 @@ class _Bar:
               help="Cohort on a cluster: scans submitted at a time (default 4; 1 on local "
                    "threads), bounding client and scheduler memory for long manifests.")
 @click.option("--mask", "mask", default="none", show_default=True, metavar="none|auto|PATH",
-              help="none: compute every tile; auto: skip tiles without tissue (brightfield) "
-                   "or with nodata only (other scans); PATH: a mask image, non-zero = compute. "
-                   "Skipped outputs are NaN.")
+              help="none: compute every tile; auto: skip sub-tiles whose receptive fields "
+                   "hold no tissue (brightfield: Otsu on optical density and saturation at a "
+                   "low level) or only nodata (other scans); PATH: a mask image at any "
+                   "resolution, non-zero = compute (max-pooled, thin tissue kept). Skipped "
+                   "outputs are NaN; computed ones equal an unmasked run.")
+@click.option("--bands", metavar="B,B,...", help="1-based bands the model gets, in this "
+              "order (e.g. 4,3,2,8: red, green, blue, NIR of a Sentinel-2 stack).")
+@click.option("--nodata", metavar="V|nan|none", help="Nodata value (default: the file's "
+              "GDAL_NODATA tag; none: ignore it). Outputs whose receptive-field centre is "
+              "nodata (every band equal to V) are NaN; with --mask auto nodata tiles are "
+              "skipped.")
 @click.option("--gpus", type=click.IntRange(min=1), help="Start a local cluster of one "
               "worker process per GPU (dask-cuda when installed) and run there.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "compile", "onnxruntime"]),
@@ -203,7 +213,8 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
         level: int | None, mpp: float | None, device: str, workers: int | None,
         scheduler: str | None, gpus: int | None, backend: str, batch: int | None,
         precision: str, dtype: str, mask: str, overwrite: bool, resume: bool, quiet: bool,
-        verbose: bool, skip_complete: bool = False) -> RunSummary:
+        verbose: bool, skip_complete: bool = False, bands: str | None = None,
+        nodata: str | None = None) -> RunSummary:
     """One scan of `tilefcn run` (also each scan of a cohort): open, run, return the summary."""
     from tilefcn.job import run as run_scan
 
@@ -224,7 +235,9 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
                            workers=workers, scheduler=scheduler, gpus=gpus,
                            overwrite=overwrite, resume=resume, sub_tile=sub_tile, mask=mask,
                            backend=backend, precision=precision, batch=batch, dtype=dtype,
-                           progress=bar, skip_complete=skip_complete)
+                           progress=bar, skip_complete=skip_complete, bands=bands,
+                           nodata=nodata,
+                           warn=lambda m: click.echo(f"Warning: {m}", err=True))
     finally:
         bar.close()
     return summary
@@ -239,7 +252,9 @@ def _report_scan(summary: RunSummary, verbose: bool) -> None:
         click.echo(f"Backend: {summary.backend}" + (f" (measured: {rates})" if rates else
                    " (chosen on each worker)" if summary.backend == "auto" else ""))
     click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "
-               f"{summary.megapixels:.1f} MP in {summary.seconds:.1f} s "
+               f"{summary.megapixels:.1f} MP"
+               + (f" at {summary.resolution}" if summary.resolution else "")
+               + f" in {summary.seconds:.1f} s "
                f"({summary.mp_per_s:.1f} MP/s, {summary.tiles} tiles"
                + (f", {summary.tiles_skipped} resumed" if summary.tiles_skipped else "")
                + (f", {summary.tiles_masked} masked" if summary.tiles_masked else "") + ")")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tilefcn.graph import Prediction, plan_prediction
 from tilefcn.identity import identity_mismatch, job_identity
 from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
 from tilefcn.read import Scan, ScanInfo
+from tilefcn.scanmeta import ResolutionWarning, describe_resolution, mpp_mismatch
 from tilefcn.sinks import ZarrSink
 from tilefcn.write import (
     check_dtype,
@@ -54,6 +56,7 @@ class RunSummary:
     backend: str = "auto"
     backend_choice: dict | None = None
     already_complete: bool = False  # skip_complete found this job's output complete
+    resolution: str = ""  # "level L (X µm/px[, downsampled ×k from Y])" (scanmeta)
 
     @property
     def mp_per_s(self) -> float:
@@ -290,7 +293,9 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
         gpus: int | None = None, overwrite: bool = False, resume: bool = False,
         sub_tile: int | None = None, mask: str | None = None, backend: str = "auto",
         precision: str = "fp32", batch: int | None = None, dtype: str = "float32",
-        progress: Progress | None = None, skip_complete: bool = False) -> RunSummary:
+        progress: Progress | None = None, skip_complete: bool = False,
+        warn: Callable[[str], None] | None = None, bands: Any = None,
+        nodata: Any = None) -> RunSummary:
     """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
 
     An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
@@ -302,6 +307,11 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     tasks on ``distributed`` workers, each preparing its own device and model (``scheduler``
     may also be a connected ``Client``, left open). ``skip_complete`` (with ``resume``): an
     output already ``complete`` for this same job is left as it is (``already_complete``).
+    ``bands`` (1-based, ``"4,3,2,8"``) and ``nodata`` (a value, ``"none"``, default the
+    file's GDAL_NODATA): see :func:`tilefcn.predict`.
+    A scan read more than 10 % away from the model's training µm/px (its card's ``mpp``) is
+    reported through ``warn`` (default: a :class:`~tilefcn.scanmeta.ResolutionWarning`)
+    before anything is computed.
     """
     if out is None:
         source = str(image.info.source if isinstance(image, Scan) else image)
@@ -324,11 +334,20 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     prediction = plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
                                  sub_tile=sub_tile, torch_threads=threads, mask=mask,
                                  backend=backend, precision=precision, batch=batch,
-                                 local=not distributed)
+                                 local=not distributed, bands=bands, nodata=nodata)
+    if dtype == "uint8" and prediction.footprint is not None:
+        raise ValueError("--dtype uint8 cannot store the NaN of nodata outputs; use float16 "
+                         "(or --nodata none)")
+    info = prediction.scan.info
+    resolution = describe_resolution(info.level, info.mpp, info.factor)
+    mismatch = mpp_mismatch(info.mpp, prediction.model.card.get("mpp"), prediction.model.name)
+    if mismatch:
+        (warn or _resolution_warning)(mismatch)
     if skip_complete and mode == "resume" and _complete_same_job(out, prediction, dtype):
         tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
         return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
-                          tiles, 0.0, 0.0, len(prediction.masked), already_complete=True)
+                          tiles, 0.0, 0.0, len(prediction.masked), already_complete=True,
+                          resolution=resolution)
     start = time.perf_counter()
     with executor(scheduler, workers, gpus) as client:  # connect before writing anything
         if client is not None:
@@ -347,4 +366,8 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
                       skipped, seconds, height * width * computed / 1e6,
                       len(prediction.masked),
                       (prediction.ref.choice or {}).get("backend", prediction.ref.backend),
-                      prediction.ref.choice)
+                      prediction.ref.choice, resolution=resolution)
+
+
+def _resolution_warning(message: str) -> None:
+    warnings.warn(message, ResolutionWarning, stacklevel=3)

@@ -27,6 +27,7 @@ import zarr
 from dask.base import tokenize
 
 from tilefcn import scanmeta
+from tilefcn.resample import at_resolution
 from tilefcn.tiffwindows import TileWindows
 
 __all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "thumbnail",
@@ -48,6 +49,9 @@ class ScanInfo:
     tile: tuple[int, int] | None
     crs: str | None
     geotransform: tuple[float, ...] | None
+    nodata: float | None = None  # GDAL_NODATA of a GeoTIFF (tilefcn.bands)
+    factor: int = 1  # ``level`` area-averaged by this (--mpp between levels, tilefcn.resample);
+    #                  shape, mpp and geotransform are those after it
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict (tuples become lists)."""
@@ -261,7 +265,8 @@ def _tiff_meta(path: str) -> dict[str, Any]:
             _check_extent(lv, path)
         mpps = scanmeta.per_level_mpp(scanmeta.tiff_mpp(tif, series.keyframe), yx)
         crs, gt0 = scanmeta.tiff_georef(series.keyframe)
-    return {"yx": yx, "tiles": tiles, "mpps": mpps, "crs": crs, "gt0": gt0}
+        nodata = scanmeta.tiff_nodata(series.keyframe)
+    return {"yx": yx, "tiles": tiles, "mpps": mpps, "crs": crs, "gt0": gt0, "nodata": nodata}
 
 
 #: Largest image tilefcn opens (px): 2**40, a 1-megapixel-squared scan (the largest slides
@@ -280,10 +285,10 @@ def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> S
         raise ValueError(f"cannot read {path}: it declares an image of {y}x{x} px, more than "
                          f"the {MAX_PIXELS:.2g} px tilefcn reads (corrupt header?)")
     chosen = scanmeta.select_level(path, yx, meta["mpps"], level, mpp)
-    reader = TiffLevelReader(path, 0, chosen)
-    geot = scanmeta.level_geotransform(meta["gt0"], yx, chosen)
-    return _make_scan(path, reader, chosen, yx, meta["mpps"], meta["tiles"][chosen],
-                      meta["crs"], geot, chunk)
+    reader = TiffLevelReader(path, 0, chosen.level)
+    geot = scanmeta.level_geotransform(meta["gt0"], yx, chosen.level)
+    return _make_scan(path, reader, chosen, yx, meta["mpps"], meta["tiles"][chosen.level],
+                      meta["crs"], geot, chunk, nodata=meta["nodata"])
 
 
 # --------------------------------------------------------------------------- zarr, arrays
@@ -309,9 +314,9 @@ def _open_zarr_path(path: str, level: int | None, mpp: float | None, chunk: int)
     yx = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
     mpps = [None] * len(mpps) if None in mpps else mpps
     chosen = scanmeta.select_level(path, yx, mpps, level, mpp)
-    ch = arrays[chosen].chunks
+    ch = arrays[chosen.level].chunks
     tile = (ch[axes.index("y")], ch[axes.index("x")])
-    reader = ArrayReader(arrays[chosen], axes)  # zarr arrays pickle as store path + metadata
+    reader = ArrayReader(arrays[chosen.level], axes)  # zarr arrays pickle as store path + metadata
     return _make_scan(path, reader, chosen, yx, mpps, tile, None, None, chunk)
 
 
@@ -351,9 +356,11 @@ def _check_pixels(where: str, dtype: Any) -> None:
                          "(expected integer, floating-point or bool pixels)")
 
 
-def _make_scan(source: str, reader: Any, level: int, yx: list, mpps: list,
-               tile: tuple[int, int] | None, crs: str | None, geot: Any, chunk: int) -> Scan:
+def _make_scan(source: str, reader: Any, level: int | scanmeta.Resolution, yx: list,
+               mpps: list, tile: tuple[int, int] | None, crs: str | None, geot: Any,
+               chunk: int, nodata: float | None = None) -> Scan:
     _check_pixels(source, reader.dtype)
+    level, factor, reader, mpp, geot, tile = at_resolution(level, reader, mpps, geot, tile)
     cy, cx = (_chunk(t, chunk) for t in (tile or (None, None)))
     array = da.from_array(reader, chunks=(cy, cx, reader.shape[2]),
                           meta=np.empty((0, 0, 0), reader.dtype),
@@ -362,8 +369,9 @@ def _make_scan(source: str, reader: Any, level: int, yx: list, mpps: list,
         source=source, shape=reader.shape, dtype=reader.dtype.name, level=level,
         levels=tuple((int(y), int(x)) for y, x in yx),
         downsamples=tuple(yx[0][0] / y for y, _ in yx),
-        mpp=None if mpps[level] is None else tuple(float(v) for v in mpps[level]),
-        tile=None if tile is None else (int(tile[0]), int(tile[1])), crs=crs, geotransform=geot)
+        mpp=None if mpp is None else tuple(float(v) for v in mpp),
+        tile=None if tile is None else (int(tile[0]), int(tile[1])), crs=crs, geotransform=geot,
+        nodata=nodata, factor=factor)
     return Scan(array=array, info=info, reader=reader)
 
 
@@ -379,7 +387,9 @@ def open_scan(source: Any, *, level: int | None = None, mpp: float | None = None
     level
         Pyramid level (default 0).
     mpp
-        Pick the level whose µm per pixel is nearest (in log scale) to this value.
+        Read at this many µm per pixel: a level within 10 % of it, else a finer level
+        area-averaged by an integer factor (:func:`tilefcn.scanmeta.select_level`,
+        :mod:`tilefcn.resample`).
     chunk
         Target dask chunk edge; rounded down to a multiple of the file's native tile.
 
