@@ -1,11 +1,11 @@
-"""Tests of tilefcn.write: OME-Zarr store + pyramid, resume bookkeeping, GeoTIFF, PNG preview."""
+"""Tests of tilefcn.write: OME-Zarr store + pyramid, resume bookkeeping, PNG preview
+(GeoTIFF/COG: tests/test_cog.py)."""
 
 from __future__ import annotations
 
 import json
 import warnings
 
-import dask.array as da
 import imagecodecs
 import numpy as np
 import pytest
@@ -16,7 +16,6 @@ from tilefcn.write import (
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
-    write_geotiff,
     write_preview_png,
     written_chunks,
 )
@@ -140,49 +139,6 @@ def test_check_output_refusals(tmp_path) -> None:
         _store(out)
 
 
-def test_geotiff_round_trip(tmp_path) -> None:
-    rasterio = pytest.importorskip("rasterio")
-    data = RNG.random((3, 90, 70)).astype(np.float32)
-    data[1, 5:9, 3:60] = np.nan
-    heat = da.from_array(data, chunks=(3, 25, 40))  # chunks not aligned with the 32-px tiles
-    done: list[int] = []
-    path = tmp_path / "heat.tif"
-    gt = (500000.0, 20.0, 0.0, 5000000.0, 0.0, -20.0)
-    write_geotiff(path, heat, geotransform=gt, crs="EPSG:32633", tile=32,
-                  description={**ATTRS, "classes": ["a", "b", "c"]}, progress=done.append)
-    assert sum(done) == 90 * 70 and len(done) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.tif"]
-    with rasterio.open(path) as ds:
-        assert ds.count == 3 and ds.dtypes == ("float32",) * 3 and ds.shape == (90, 70)
-        assert ds.crs.to_epsg() == 32633
-        assert tuple(ds.transform)[:6] == (20.0, 0.0, 500000.0, 0.0, -20.0, 5000000.0)
-        assert np.isnan(ds.nodata) and ds.descriptions == ("a", "b", "c")
-        assert ds.block_shapes[0] == (32, 32)
-        np.testing.assert_array_equal(ds.read(), data)
-    assert check_output(path, overwrite=True) == "overwrite"
-
-    geographic = tmp_path / "ll.tiff"
-    write_geotiff(geographic, heat[:1], geotransform=(10.0, 0.01, 0.0, 50.0, 0.0, -0.01),
-                  crs="EPSG:4326", description=None)
-    with rasterio.open(geographic) as ds:
-        assert ds.count == 1 and ds.crs.to_epsg() == 4326
-        np.testing.assert_array_equal(ds.read(1), data[0])
-
-
-def test_geotiff_interrupted_leaves_nothing(tmp_path) -> None:
-    path = tmp_path / "heat.tif"
-
-    def boom(n: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_geotiff(path, da.zeros((1, 64, 64), dtype=np.float32, chunks=16),
-                      geotransform=None, crs=None, tile=16, progress=boom)
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="EPSG"):
-        write_geotiff(path, np.zeros((1, 8, 8), np.float32), geotransform=None, crs="WGS84")
-
-
 def test_preview_png(tmp_path) -> None:
     heat = RNG.random((3, 20, 30)).astype(np.float32)
     heat[:, :2, :3] = np.nan
@@ -198,12 +154,3 @@ def test_preview_png(tmp_path) -> None:
     assert imagecodecs.png_decode(path.read_bytes()).shape == (20, 30, 4)
     with pytest.raises(ValueError, match="class names"):
         write_preview_png(path, heat, classes=["a"])
-
-
-def test_geotiff_never_replaces_foreign_file(tmp_path) -> None:
-    path = tmp_path / "scan.tif"
-    tifffile.imwrite(path, np.ones((8, 8), np.uint8))
-    with pytest.raises(ValueError, match="not a tilefcn output"):
-        write_geotiff(path, np.zeros((1, 8, 8), np.float32), geotransform=None, crs=None)
-    assert tifffile.imread(path).sum() == 64
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.tif"]

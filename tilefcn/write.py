@@ -1,4 +1,5 @@
-"""Heatmap writers: OME-Zarr (NGFF 0.5, zarr v3) with a pyramid, tiled GeoTIFF, PNG preview.
+"""Heatmap writers: OME-Zarr (NGFF 0.5, zarr v3) with a pyramid, PNG preview (GeoTIFF/COG:
+:mod:`tilefcn.cog`).
 
 Coordinate conventions (the caller computes them; these writers only store them):
 
@@ -9,13 +10,11 @@ Coordinate conventions (the caller computes them; these writers only store them)
   ``translation = (o + (r - 1)/2) * mpp`` (``mpp = 1`` and ``unit = None`` when the scan has
   no pixel size). Pyramid level ``L`` has ``scale_L = 2**L * scale_0`` and
   ``translation_L = translation_0 + (2**L - 1)/2 * scale_0``.
-* GeoTIFF geotransforms are corner based (GDAL, PixelIsArea): for a scan geotransform
-  ``(x0, pw, 0, y0, 0, ph)`` the heatmap one is
-  ``(x0 + pw*(o_x + (r_x - s_x)/2), pw*s_x, 0, y0 + ph*(o_y + (r_y - s_y)/2), 0, ph*s_y)``.
+* GeoTIFF geotransforms are corner based (GDAL, PixelIsArea): see :mod:`tilefcn.cog`.
 
 Outputs never look complete before they are: OME-Zarr stores carry ``tilefcn.status``
 (``"running"`` until :func:`finish_ome_zarr` sets ``"complete"`` last); GeoTIFFs are written
-to ``<path>.partial`` and renamed at the end.
+to ``<path>.partial`` and renamed at the end (:mod:`tilefcn.cog`).
 
 OME-Zarr values are stored as one of :data:`OUTPUT_DTYPES` (:func:`encode_block`): float32 as
 computed, float16 cast, uint8 ``round(clip(p, 0, 1) · 255)`` (read back ``p ≈ v / 255``, see
@@ -28,15 +27,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
-import dask.array as da
 import imagecodecs
 import numpy as np
-import tifffile
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
@@ -48,7 +43,7 @@ from tilefcn.viewers import PALETTE, omero_metadata
 
 __all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_dtype", "check_output",
            "create_ome_zarr",
-           "decode_scale", "encode_block", "finish_ome_zarr", "write_geotiff",
+           "decode_scale", "encode_block", "finish_ome_zarr", "is_tilefcn_output",
            "write_preview_png", "written_chunks"]
 
 #: Dtypes an OME-Zarr heatmap can be stored as (see :func:`encode_block`).
@@ -113,7 +108,8 @@ def _tilefcn_attrs(path: Path) -> dict | None:
     return block if isinstance(block, dict) else None
 
 
-def _is_ours(path: Path) -> bool:
+def is_tilefcn_output(path: Path) -> bool:
+    """Whether ``path`` is a heatmap tilefcn wrote (zarr attributes or TIFF description)."""
     if path.is_dir():
         return _tilefcn_attrs(path) is not None
     if path.suffix.lower() in _TIFF_SUFFIXES and path.is_file():
@@ -149,7 +145,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
         if _tilefcn_attrs(p) is None or not (p / "0" / "zarr.json").is_file():
             raise ValueError(f"cannot resume {p}: not a tilefcn heatmap store")
         return "resume"
-    if not _is_ours(p):
+    if not is_tilefcn_output(p):
         raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
     return "overwrite"
 
@@ -227,7 +223,7 @@ def create_ome_zarr(path: str | os.PathLike, *, shape: tuple[int, int, int],
     if p.exists() or p.is_symlink():
         if mode == "new":
             raise FileExistsError(f"output exists: {p} (use --overwrite or --resume)")
-        if not _is_ours(p):
+        if not is_tilefcn_output(p):
             raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
         if p.is_dir():
             shutil.rmtree(p)
@@ -310,98 +306,6 @@ def finish_ome_zarr(path: str | os.PathLike, *, levels: int | None = None,
                                       levels + 1)
     group.attrs["ome"] = ome
     group.attrs["tilefcn"] = {**dict(group.attrs["tilefcn"]), "status": "complete"}
-
-
-def _geokeys(geotransform: tuple | None, crs: str | None) -> list[tuple]:
-    """GeoTIFF extratags (ModelPixelScale/Tiepoint or ModelTransformation, GeoKeys)."""
-    tags: list[tuple] = []
-    if geotransform is not None:
-        if len(geotransform) != 6:
-            raise ValueError(f"geotransform must have 6 numbers, got {geotransform!r}")
-        x0, pw, rx, y0, ry, ph = (float(v) for v in geotransform)
-        if rx == 0 and ry == 0:
-            tags.append((33550, 12, 3, (pw, -ph, 0.0), True))
-            tags.append((33922, 12, 6, (0.0, 0.0, 0.0, x0, y0, 0.0), True))
-        else:
-            matrix = (pw, rx, 0, x0, ry, ph, 0, y0, 0, 0, 0, 0, 0, 0, 0, 1)
-            tags.append((34264, 12, 16, tuple(float(v) for v in matrix), True))
-    keys = [(1025, 0, 1, 1)]  # GTRasterTypeGeoKey = PixelIsArea
-    if crs is not None:
-        kind, _, code = crs.partition(":")
-        if kind.upper() != "EPSG" or not code.isdigit():
-            raise ValueError(f"crs must look like 'EPSG:<code>', got {crs!r}")
-        geographic = 4000 <= int(code) < 5000
-        keys = [(1024, 0, 1, 2 if geographic else 1), *keys,
-                (2048 if geographic else 3072, 0, 1, int(code))]
-    if geotransform is not None or crs is not None:
-        flat = [1, 1, 0, len(keys)] + [v for key in keys for v in key]
-        tags.append((34735, 3, len(flat), tuple(flat), True))
-    return tags
-
-
-def _tile_rows(heatmap: da.Array, tile: int,
-               progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
-    """Yield (tile, tile, C) tiles row-major, computing one row of dask chunks at a time."""
-    c, h, w = heatmap.shape
-    buf = np.empty((c, 0, w), dtype=np.float32)
-    y = 0
-    for ch in heatmap.chunks[1]:
-        strip = np.asarray(heatmap[:, y:y + ch, :].compute(), dtype=np.float32)
-        if strip.shape != (c, ch, w):
-            raise ValueError(f"heatmap strip has shape {strip.shape}, expected {(c, ch, w)}")
-        if progress is not None:
-            progress(ch * w)
-        y += ch
-        buf = np.concatenate([buf, strip], axis=1) if buf.shape[1] else strip
-        while buf.shape[1] >= tile or (y == h and buf.shape[1]):
-            rows, buf = buf[:, :tile], buf[:, tile:]
-            for x in range(0, w, tile):
-                out = np.full((tile, tile, c), np.nan, dtype=np.float32)
-                part = rows[:, :, x:x + tile].transpose(1, 2, 0)
-                out[: part.shape[0], : part.shape[1]] = part
-                yield out
-
-
-def write_geotiff(path: str | os.PathLike, heatmap: Any, *, geotransform: tuple | None,
-                  crs: str | None, tile: int = 256, description: dict | None = None,
-                  progress: Callable[[int], None] | None = None) -> None:
-    """Write a (C, H, W) heatmap as a tiled, deflate-compressed float32 GeoTIFF.
-
-    Bands are the C classes (pixel-interleaved); nodata is NaN. The dask array is computed one
-    row of its chunks at a time and streamed tile by tile into ``<path>.partial``, which is
-    renamed to ``path`` at the end. ``progress(n)`` receives the number of heatmap pixels
-    (H×W units) finished by each strip. ``description`` is stored as JSON under ``tilefcn``;
-    its ``classes`` list, if any, also names the bands.
-    """
-    p = Path(path)
-    heatmap = heatmap if isinstance(heatmap, da.Array) else da.asarray(heatmap)
-    if heatmap.ndim != 3 or min(heatmap.shape) < 1:
-        raise ValueError(f"heatmap must be (C, H, W), got shape {heatmap.shape}")
-    if tile < 16 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
-    if (p.exists() or p.is_symlink()) and not _is_ours(p):
-        raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
-    c, h, w = (int(v) for v in heatmap.shape)
-    description = dict(description or {})
-    extratags = [*_geokeys(geotransform, crs), (42113, 2, 0, "nan", True)]
-    classes = description.get("classes")
-    if isinstance(classes, list) and len(classes) == c:
-        items = "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">'
-                        f"{escape(str(n))}</Item>" for i, n in enumerate(classes))
-        extratags.append((42112, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True))
-    partial = p.with_name(p.name + ".partial")
-    try:
-        tifffile.imwrite(
-            partial, _tile_rows(heatmap.astype(np.float32), tile, progress),
-            shape=(h, w, c) if c > 1 else (h, w), dtype=np.float32, tile=(tile, tile),
-            photometric="minisblack", planarconfig="contig" if c > 1 else None,
-            extrasamples=[0] * (c - 1) if c > 1 else None, compression="zlib",
-            bigtiff=c * h * w * 4 > 2**31, metadata=None,
-            description=json.dumps({"tilefcn": description}), extratags=extratags)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, p)
 
 
 def write_preview_png(path: str | os.PathLike, heatmap: np.ndarray, *,

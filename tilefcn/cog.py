@@ -1,0 +1,349 @@
+"""GeoTIFF heatmaps as Cloud-Optimized GeoTIFFs (COG), written chunk by chunk through rasterio.
+
+:class:`CogSink` has the sink interface of :mod:`tilefcn.sinks` (open / which chunks are done /
+write chunk / finish). Heatmap chunks are written as they are computed, each as a window of
+a tiled, sparse, lightly compressed GTiff ``<out>.tiles.partial`` (one GDAL dataset, one
+writer: a lock serialises the writes of the threads that compute the chunks; chunks computed
+on ``distributed`` workers are gathered to the client in a bounded window,
+:func:`gather_into`). :meth:`CogSink.finish` lets GDAL's COG driver build the overviews
+(``AVERAGE``, NaN ignored) and copy everything, block by block, into ``<out>.partial`` (tiled,
+DEFLATE or ZSTD with a predictor, overviews after the full resolution, COG layout), which is
+then renamed to ``<out>``. Memory stays that of a few blocks plus GDAL's block cache
+(``GDAL_CACHEMAX``); no full-width strip and no whole heatmap is ever held.
+
+Georeference (GDAL geotransform ``X = a + b·col + c·row``, ``Y = d + e·col + f·row``, pixel is
+area): for a scan geotransform ``(a, b, c, d, e, f)`` and a model of stride ``s``, offset ``o``,
+receptive field ``r`` (per axis), heatmap pixel ``(i, j)`` covers scan pixels starting at
+``row = t_y + s_y·i``, ``col = t_x + s_x·j`` with ``t = o + (r - s)/2``, so the heatmap's
+geotransform is ``(a + b·t_x + c·t_y, b·s_x, c·s_y, d + e·t_x + f·t_y, e·s_x, f·s_y)``
+(rotation terms kept; :func:`tilefcn.job.heatmap_geotransform`). The CRS is the input's own
+(WKT, so any CRS, EPSG code or not). A scan without georeference gets a COG without CRS whose
+transform maps heatmap pixels onto scan pixels (``a = d = 0``, ``b = f = 1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilefcn.plan import Tile
+from tilefcn.write import encode_block
+
+__all__ = ["COMPRESSIONS", "GEOTIFF_DTYPES", "PIXEL_GEOTRANSFORM", "CogSink",
+           "check_geotiff_dtype", "gather_into", "source_crs", "write_geotiff"]
+
+#: Stored dtypes of a GeoTIFF heatmap (GDAL < 3.11 has no float16; uint8 = round(p · 255)).
+GEOTIFF_DTYPES = ("float32", "uint8")
+
+#: Compressions of the final COG (each with GDAL's predictor: 3 for floats, 2 for uint8).
+COMPRESSIONS = ("deflate", "zstd")
+
+#: Edge of the COG's tiles and of its smallest overview (GDAL's COG default).
+BLOCKSIZE = 512
+
+#: Geotransform of scan pixels (``X = col``, ``Y = row``): the frame of non-georeferenced scans.
+PIXEL_GEOTRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+#: Intermediate tiles: compressed fast (ZSTD level 1), rewritten by the COG driver anyway.
+_INTERMEDIATE = {"compress": "zstd", "zstd_level": 1}
+
+
+def check_geotiff_dtype(dtype: str) -> str:
+    """``dtype`` if a GeoTIFF heatmap can be stored as it (:data:`GEOTIFF_DTYPES`)."""
+    if dtype not in GEOTIFF_DTYPES:
+        raise ValueError(f"--dtype {dtype} is for OME-Zarr outputs; GeoTIFFs are "
+                         f"{' or '.join(GEOTIFF_DTYPES)} (GDAL here has no float16)")
+    return dtype
+
+
+def source_crs(source: str | os.PathLike | None, fallback: str | None) -> str | None:
+    """The CRS of a georeferenced input file as WKT (as GDAL reads it, EPSG or not), else
+    ``fallback`` (e.g. ``ScanInfo.crs``); None when neither knows one."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    if source is not None and Path(source).is_file():
+        try:
+            with _quiet(), rasterio.open(source) as src:
+                if src.crs is not None:
+                    return src.crs.to_wkt()
+        except RasterioError:
+            pass
+    return fallback
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide rasterio's NotGeoreferencedWarning (a plain slide heatmap has no CRS)."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+def _crs(crs: str | None) -> Any:
+    """``crs`` (WKT, ``EPSG:n``, PROJ string, …) as a rasterio CRS; ``ValueError`` if invalid."""
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    if crs is None:
+        return None
+    try:
+        return CRS.from_user_input(crs)
+    except CRSError as exc:
+        raise ValueError(f"not a coordinate reference system: {crs!r} ({exc})") from None
+
+
+def _block_edge(chunks: tuple[int, int]) -> int:
+    """Intermediate tile edge: the largest of 512…16 that divides both chunk edges (so each
+    chunk covers whole tiles), else 256 (chunks then share tiles, rewritten by GDAL)."""
+    return next((b for b in (512, 256, 128, 64, 32, 16)
+                 if chunks[0] % b == 0 and chunks[1] % b == 0), 256)
+
+
+@dataclass
+class CogSink:
+    """Writes ``(C, h, w)`` heatmap blocks into a COG at ``path`` (see the module docstring).
+
+    Open with :meth:`open`; call it as ``sink(tile, block)`` (a :data:`tilefcn.sinks.Sink`)
+    from any thread of this process; :meth:`finish` (or :meth:`abort`) once at the end.
+    """
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: str
+    options: dict
+    _dataset: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, shape: tuple[int, int, int],
+             chunks: tuple[int, int], geotransform: tuple[float, ...] | None,
+             crs: str | None, classes: list[str] | None = None,
+             description: dict | None = None, dtype: str = "float32",
+             compress: str = "deflate", blocksize: int | None = None) -> CogSink:
+        """Create the intermediate tiles of a COG heatmap ``shape = (C, H, W)``.
+
+        ``geotransform`` (6 GDAL numbers) and ``crs`` (WKT/``EPSG:n``/PROJ) are stored as
+        given; ``classes`` name the bands; ``description`` is stored as JSON under
+        ``tilefcn`` in the TIFF ImageDescription (how :func:`tilefcn.write.check_output`
+        recognises its own outputs). ``blocksize`` (default :data:`BLOCKSIZE`, ≥ 128) is the
+        COG's tile edge; overviews halve down to one tile. Nothing at ``path`` is touched
+        before :meth:`finish`.
+        """
+        import rasterio
+        from affine import Affine
+
+        p, blocksize = Path(path), blocksize or BLOCKSIZE
+        check_geotiff_dtype(dtype)
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, "
+                             f"got {compress!r}")
+        if blocksize < 128 or blocksize % 16:
+            raise ValueError(f"blocksize must be a multiple of 16, at least 128, got "
+                             f"{blocksize}")
+        c, h, w = (int(v) for v in shape)
+        if min(c, h, w) < 1:
+            raise ValueError(f"heatmap must be (C, H, W), got shape {shape}")
+        if geotransform is not None and len(geotransform) != 6:
+            raise ValueError(f"geotransform must have 6 numbers, got {geotransform!r}")
+        rio_crs = _crs(crs)
+        edge = _block_edge(chunks)
+        profile = {"driver": "GTiff", "width": w, "height": h, "count": c, "dtype": dtype,
+                   "nodata": float("nan") if dtype == "float32" else None, "tiled": True,
+                   "blockxsize": edge, "blockysize": edge, "interleave": "pixel",
+                   "sparse_ok": True, "bigtiff": "if_safer", **_INTERMEDIATE}
+        if rio_crs is not None:
+            profile["crs"] = rio_crs
+        if geotransform is not None:
+            profile["transform"] = Affine.from_gdal(*(float(v) for v in geotransform))
+        sink = cls(p, (c, h, w), dtype, {"compress": compress, "blocksize": blocksize})
+        with _quiet():
+            sink._dataset = rasterio.open(sink.tiles_path, "w", **profile)
+        ds = sink._dataset
+        if isinstance(classes, list) and len(classes) == c:
+            for band, name in enumerate(classes, 1):
+                ds.set_band_description(band, str(name))
+        ds.update_tags(TIFFTAG_IMAGEDESCRIPTION=json.dumps({"tilefcn": description or {}}),
+                       AREA_OR_POINT="Area")
+        return sink
+
+    @property
+    def tiles_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tiles.partial")
+
+    @property
+    def partial_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+    def done(self) -> set[tuple[int, int]]:
+        """Chunks already written by an earlier run: none (a COG is written whole)."""
+        return set()
+
+    def __call__(self, tile: Tile, block: np.ndarray) -> None:
+        """Write one block ``(C, h, w)`` at the tile's output window."""
+        self.write(tile.y.out_start, tile.x.out_start, block)
+
+    def write(self, y0: int, x0: int, block: np.ndarray) -> None:
+        """Write ``block`` ``(C, h, w)`` with its top-left heatmap pixel at ``(y0, x0)``."""
+        from rasterio.windows import Window
+
+        block = encode_block(np.asarray(block), self.dtype)
+        c, h, w = self.shape
+        if block.ndim != 3 or block.shape[0] != c or y0 < 0 or x0 < 0 or \
+                y0 + block.shape[1] > h or x0 + block.shape[2] > w:
+            raise ValueError(f"block of shape {block.shape} at ({y0}, {x0}) does not fit a "
+                             f"heatmap of shape {self.shape}")
+        with self._lock:
+            if self._dataset is None:
+                raise ValueError(f"{self.path}: the GeoTIFF sink is closed")
+            self._dataset.write(block, window=Window(x0, y0, block.shape[2], block.shape[1]))
+
+    def finish(self) -> None:
+        """Build overviews and the COG layout into ``<path>.partial``, rename it to ``path``
+        (replacing an older output only now), and delete the intermediate tiles."""
+        import rasterio
+        import rasterio.shutil
+
+        with self._lock:
+            dataset, self._dataset = self._dataset, None
+        if dataset is None:
+            raise ValueError(f"{self.path}: the GeoTIFF sink is closed")
+        try:
+            dataset.close()
+            compress = self.options["compress"]
+            with _quiet(), rasterio.Env(GDAL_NUM_THREADS="1"):
+                rasterio.shutil.copy(
+                    self.tiles_path, self.partial_path, driver="COG",
+                    compress=compress.upper(),
+                    **({"level": 6} if compress == "deflate" else {"level": 9}),
+                    predictor="YES", blocksize=self.options["blocksize"],
+                    overviews="AUTO", overview_resampling="AVERAGE", bigtiff="IF_SAFER")
+            os.replace(self.partial_path, self.path)
+        except BaseException:
+            self._remove()
+            raise
+        self.tiles_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Close and delete everything written so far (the output path is left as it was)."""
+        with self._lock:
+            dataset, self._dataset = self._dataset, None
+        if dataset is not None:
+            dataset.close()
+        self._remove()
+
+    def _remove(self) -> None:
+        self.tiles_path.unlink(missing_ok=True)
+        self.partial_path.unlink(missing_ok=True)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a CogSink writes from the process that opened it; gather blocks "
+                        "to it (tilefcn.cog.gather_into) instead of sending it to workers")
+
+
+class _BlockList(list):
+    """A sink that keeps ``(tile, block)`` pairs (for a task whose result is its blocks)."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __call__(self, tile: Tile, block: np.ndarray) -> None:
+        self.append((tile, np.asarray(block)))
+
+
+def compute_group(ref: Any, reader: Any, tiles: list[Tile], image_shape: tuple[int, int],
+                  sub_tile: int | None, dtype: str) -> list[tuple[Tile, np.ndarray]]:
+    """Task on a worker: the encoded blocks of ``tiles``, streamed through its engine."""
+    from tilefcn.sinks import write_group
+
+    blocks = _BlockList(dtype)
+    write_group(ref, reader, blocks, tiles, image_shape, sub_tile)
+    return list(blocks)
+
+
+def gather_into(sink: CogSink, prediction: Any, client: Any, *, group: int, window: int,
+                progress: Callable[[int, int], None] | None = None) -> int:
+    """Compute the unmasked tiles of ``prediction`` on ``client``'s workers in groups of
+    ``group`` tiles, at most ``window`` groups in flight (so at most ``group · window``
+    blocks wait for this process), and write each block into ``sink`` here, as it arrives.
+    Returns the tiles written."""
+    from distributed import as_completed
+
+    plan = prediction.plan
+    todo = [t for t in plan.tiles() if t.index not in prediction.masked]
+    groups: Iterator[list[Tile]] = (todo[k:k + group] for k in range(0, len(todo), group))
+    ref, reader = client.scatter([prediction.ref, prediction.scan.reader], broadcast=True,
+                                 hash=False)
+    total, done = len(plan.tiles()), len(prediction.masked)
+
+    def submit(tiles: list[Tile]) -> Any:
+        return client.submit(compute_group, ref, reader, tiles, plan.image_shape,
+                             prediction.sub_tile, sink.dtype, pure=False)
+
+    running = as_completed([submit(g) for _, g in zip(range(max(1, window)), groups,
+                                                      strict=False)])
+    for future in running:
+        for tile, block in future.result():
+            sink(tile, block)
+            done += 1
+        future.release()
+        if progress:
+            progress(done, total)
+        nxt = next(groups, None)
+        if nxt is not None:
+            running.add(submit(nxt))
+    return done - len(prediction.masked)
+
+
+def write_geotiff(path: str | os.PathLike, heatmap: Any, *,
+                  geotransform: tuple[float, ...] | None, crs: str | None,
+                  blocksize: int | None = None, description: dict | None = None,
+                  dtype: str = "float32", compress: str = "deflate",
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Write a ``(C, H, W)`` heatmap (numpy or dask array) as a COG, one dask chunk at a time.
+
+    Bands are the C classes (named by ``description["classes"]`` when it has C names); nodata
+    NaN (float32). ``progress(n)`` receives the heatmap pixels (H×W units) of each chunk
+    written. An existing non-tilefcn file at ``path`` is refused; an interruption leaves
+    ``path`` as it was and no partial files.
+    """
+    import dask.array as da
+
+    from tilefcn.write import is_tilefcn_output
+
+    p = Path(path)
+    heat = heatmap if isinstance(heatmap, da.Array) else da.asarray(heatmap)
+    if heat.ndim != 3 or min(heat.shape) < 1:
+        raise ValueError(f"heatmap must be (C, H, W), got shape {heat.shape}")
+    if (p.exists() or p.is_symlink()) and not is_tilefcn_output(p):
+        raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
+    heat = heat.rechunk({0: -1})
+    description = dict(description or {})
+    sink = CogSink.open(p, shape=heat.shape, chunks=(heat.chunks[1][0], heat.chunks[2][0]),
+                        geotransform=geotransform, crs=crs,
+                        classes=description.get("classes"), description=description,
+                        dtype=dtype, compress=compress, blocksize=blocksize)
+    try:
+        ys, xs = np.cumsum((0, *heat.chunks[1])), np.cumsum((0, *heat.chunks[2]))
+        for iy in range(len(heat.chunks[1])):
+            for ix in range(len(heat.chunks[2])):
+                block = np.asarray(heat.blocks[0, iy, ix].compute())
+                sink.write(int(ys[iy]), int(xs[ix]), block)
+                if progress is not None:
+                    progress(block.shape[1] * block.shape[2])
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
