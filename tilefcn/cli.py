@@ -116,7 +116,8 @@ class _Bar:
                    "or package.module:function factory.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output: .zarr (OME-Zarr, default <stem>.heatmap.zarr next to the input) "
-                   "or .tif (tiled GeoTIFF). One input only; a cohort uses --out-dir.")
+                   "or .tif (Cloud-Optimized GeoTIFF: input's CRS and geotransform, "
+                   "overviews, NaN nodata). One input only; a cohort uses --out-dir.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Cohort: write <stem>.heatmap.zarr of every scan here, and the summary "
                    "(tilefcn-summary.csv/.json). Several IMAGES, a folder or a CSV manifest "
@@ -176,7 +177,8 @@ class _Bar:
                                       "is faster on GPUs but not exact (README: errors).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]), default="float32",
               show_default=True, help="OME-Zarr values: float32, float16 (half the size), "
-                                      "uint8 (probability × 255 rounded; no NaN, so no mask).")
+                                      "uint8 (probability × 255 rounded; no NaN, so no mask). "
+                                      "GeoTIFFs: float32 or uint8.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
