@@ -52,6 +52,8 @@ class Prediction:
     dependencies: tuple
     windows: dict
     masked: frozenset = frozenset()
+    footprint: Any = None  # tilefcn.mask.Footprint when it masks anything (else None)
+    footprint_key: str | None = None
 
     def task(self, tile: Tile) -> tuple:
         """The raw dask task computing ``tile``'s heatmap block ``(C, h, w)`` (all NaN for a
@@ -59,7 +61,7 @@ class Prediction:
         if tile.index in self.masked:
             return (nan_block, self.classes, *tile.out_shape)
         return (run_tile, self.ref_key, self.windows[tile.index], tile.y, tile.x,
-                self.plan.image_shape, self.sub_tile)
+                self.plan.image_shape, self.sub_tile, self.footprint_key)
 
     @property
     def ref_key(self) -> str:
@@ -87,7 +89,7 @@ class Prediction:
             tiles = todo[k:k + group]
             key = (name, k // group)
             layer[key] = (write_group, self.ref_key, reader_key, sink_key, tiles,
-                          self.plan.image_shape, self.sub_tile)
+                          self.plan.image_shape, self.sub_tile, self.footprint_key)
             writer.update({t.index: key for t in tiles})
         return layer, writer
 
@@ -120,17 +122,28 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
                     level: int | None = None, mpp: float | None = None,
                     sub_tile: int | None = None, torch_threads: int | None = None,
                     mask: str | None = None, backend: str = "auto", precision: str = "fp32",
-                    batch: int | None = None, local: bool = True) -> Prediction:
+                    batch: int | None = None, local: bool = True, bands: Any = None,
+                    nodata: Any = None) -> Prediction:
     """Open the scan, load the model, check they fit, and plan the tiles (nothing computed).
 
     ``mask``: ``None``/``"none"`` computes every tile; ``"auto"`` or a mask image path skips
-    tiles with no foreground (see :mod:`tilefcn.mask`); their outputs are NaN.
+    tiles and sub-tiles whose receptive fields hold no foreground (see :mod:`tilefcn.mask`);
+    their outputs are NaN. ``bands``: 1-based band numbers (``"4,3,2,8"`` or a sequence) the
+    model gets, in that order. ``nodata``: a value, ``"none"``, or None for the scan's own
+    (GDAL_NODATA); outputs whose receptive-field centre is nodata are NaN.
     ``local``: the graph runs in this process, so the engine (device, backend) is prepared
     here; for a cluster each worker prepares its own (:mod:`tilefcn.runtime.cache`).
     """
     tile = _positive_int("tile", tile)
     sub_tile = _positive_int("sub_tile", sub_tile)
+    from tilefcn.bands import parse_bands, parse_nodata, resolve_nodata, select_bands
+    from tilefcn.mask import foreground_mask
+
     scan = image if isinstance(image, Scan) else open_scan(image, level=level, mpp=mpp)
+    bands = parse_bands(bands if bands is None or isinstance(bands, str) else
+                        ",".join(str(int(b)) for b in bands))
+    scan = select_bands(scan, bands)
+    nodata = resolve_nodata(scan, parse_nodata(nodata))
     model = load_model(model)
     height, width, channels = scan.info.shape
     if channels != model.in_channels:
@@ -142,19 +155,19 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
                          f"{len(model.classes)} classes")
     tile = tile or default_tile((height, width), os.cpu_count() or 1)
     plan = plan_tiles(model.geometry, (height, width), out[1:], tile)
+    footprint = foreground_mask(scan, mask, nodata, bands)
     masked: frozenset = frozenset()
-    if mask not in (None, "none"):
-        from tilefcn.mask import foreground_mask
-
-        masked = tiles_without_foreground(plan, foreground_mask(scan, mask))
+    if footprint.foreground is not None:
+        masked = tiles_without_foreground(model.geometry, plan, footprint.has_foreground)
     batch = _positive_int("batch", batch)
     kind = resolve_device(device).type if local else \
         ("cuda" if str(device).startswith("cuda") else "cpu")
     shapes = sub_window_shapes(model.geometry, plan, sub_tile or DEFAULT_SUB_TILE[kind])
     ref = make_ref(model, device, torch_threads, backend=backend, precision=precision,
                    batch=batch, sub_tile=sub_tile, shapes=shapes, local=local)
+    footprint = footprint if footprint.masks else None
     token = dask.base.tokenize(scan.array.name, ref.token, plan, ref.device, backend,
-                               precision, batch, sub_tile, sorted(masked))
+                               precision, batch, sub_tile, sorted(masked), footprint)
     ref_d = dask.delayed(ref, name=f"tilefcn-model-{token}", traverse=False)
     dependencies: list = [ref_d]
     windows: dict = {}  # how each computed tile gets its input window (masked tiles: none)
@@ -171,14 +184,21 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
             window = scan.array[t.read].rechunk(-1)
             dependencies.append(window)
             windows[t.index] = (window.name, 0, 0, 0)
+    footprint_key = None
+    if footprint is not None:  # one graph key, shipped to each worker once
+        footprint_d = dask.delayed(footprint, name=f"tilefcn-footprint-{token}",
+                                   traverse=False)
+        dependencies.append(footprint_d)
+        footprint_key = footprint_d.key
     return Prediction(scan, model, plan, ref, f"tilefcn-predict-{token}", sub_tile,
-                      tuple(dependencies), windows, masked)
+                      tuple(dependencies), windows, masked, footprint, footprint_key)
 
 
 def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "auto",
             level: int | None = None, mpp: float | None = None, sub_tile: int | None = None,
             torch_threads: int | None = None, mask: str | None = None, backend: str = "auto",
-            precision: str = "fp32", batch: int | None = None) -> da.Array:
+            precision: str = "fp32", batch: int | None = None, bands: Any = None,
+            nodata: Any = None) -> da.Array:
     """Lazy heatmap ``(C, H_out, W_out)`` float32 equal to ``model(whole image)``.
 
     Parameters
@@ -192,7 +212,11 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
     device : ``"auto"`` (cuda when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     level, mpp : pyramid level, or the level nearest ``mpp`` µm/px.
     sub_tile : edge of the sub-tiles each task loops over (default 256 on CPU).
-    mask : ``"auto"`` or a mask image path: tiles without foreground are not computed (NaN).
+    mask : ``"auto"`` or a mask image path: tiles and sub-tiles whose receptive fields hold
+        no foreground are neither read nor computed (NaN).
+    bands : 1-based bands for the model, in order (``"4,3,2,8"`` or ``[4, 3, 2, 8]``).
+    nodata : nodata value (default: the file's GDAL_NODATA; ``"none"`` ignores it): outputs
+        whose receptive-field centre is nodata are NaN.
     torch_threads : torch threads in each worker process while tasks run (default 1 on CPU:
         one per dask thread).
     backend : ``"auto"`` (measure the installed CPU backends, keep those within 1e-5 of
@@ -207,7 +231,7 @@ def predict(image: Any, model: Any, *, tile: int | None = None, device: str = "a
     return plan_prediction(image, model, tile=tile, device=device, level=level, mpp=mpp,
                            sub_tile=sub_tile, torch_threads=torch_threads, mask=mask,
                            backend=backend, precision=precision, batch=batch,
-                           local=local).heatmap
+                           local=local, bands=bands, nodata=nodata).heatmap
 
 
 def _default_client() -> Any:

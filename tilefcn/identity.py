@@ -74,6 +74,8 @@ def job_identity(prediction: Any, *, dtype: str) -> dict[str, Any]:
     as the set of tiles it leaves out (count and sha256), whatever the spec that chose it."""
     plan = prediction.plan
     masked = json.dumps(sorted([int(y), int(x)] for y, x in prediction.masked))
+    footprint = getattr(prediction, "footprint", None)  # sub-tile mask and nodata
+    extra = {} if footprint is None else {"footprint": str(footprint.__dask_tokenize__())}
     return {
         "source": _source(prediction.scan),
         "model": {"sha256": prediction.model.sha256},
@@ -81,7 +83,7 @@ def job_identity(prediction: Any, *, dtype: str) -> dict[str, Any]:
                  "chunks": [plan.chunks[0][0], plan.chunks[1][0]]},
         "options": {"dtype": dtype, "precision": prediction.ref.precision,
                     "sub_tile": prediction.sub_tile, "masked_tiles": len(prediction.masked),
-                    "masked_sha256": hashlib.sha256(masked.encode()).hexdigest()},
+                    "masked_sha256": hashlib.sha256(masked.encode()).hexdigest(), **extra},
     }
 
 

@@ -20,10 +20,8 @@ geometry's ``min_input`` (or, touching a true border, than its ``border``) grows
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
 
 from tilefcn.geometry import Geometry, ceil_to, floor_to
 
@@ -215,23 +213,85 @@ def sub_windows(geometry: Geometry, axis: int, outer: AxisWindow, image_len: int
     return windows
 
 
-def tiles_without_foreground(plan: TilePlan, mask: np.ndarray) -> frozenset[tuple[int, int]]:
-    """Indices of tiles whose input window (halo included) holds no foreground in ``mask``.
+Foreground = Callable[[tuple[int, int], tuple[int, int]], bool]
+"""``has_foreground((y0, y1), (x0, x1))``: whether image rows × columns hold foreground."""
 
-    ``mask`` covers the whole image at lower resolution: image row ``y`` is mask row
-    ``y · mask_rows / image_rows``. Each window is widened by one mask pixel per side, so
-    foreground lost to the downsampling at a window's edge still counts.
+
+def tiles_without_foreground(geometry: Geometry, plan: TilePlan,
+                             has_foreground: Foreground) -> frozenset[tuple[int, int]]:
+    """Indices of tiles whose outputs' receptive fields hold no foreground.
+
+    Outputs ``[i0, i1)`` of a tile see input rows ``[o + s·i0, o + s·(i1−1) + r)``
+    (:meth:`Geometry.input_span`; likewise columns); a tile is skipped when that span has no
+    foreground — then so has each of its sub-tiles (:func:`plan_sub_tiles`).
     """
-    fy, fx = (mask.shape[0] / plan.image_shape[0], mask.shape[1] / plan.image_shape[1])
     empty = set()
     for tile in plan.tiles():
-        y0 = max(0, math.floor(tile.y.read_start * fy) - 1)
-        y1 = min(mask.shape[0], math.ceil(tile.y.read_stop * fy) + 1)
-        x0 = max(0, math.floor(tile.x.read_start * fx) - 1)
-        x1 = min(mask.shape[1], math.ceil(tile.x.read_stop * fx) + 1)
-        if not mask[y0:y1, x0:x1].any():
+        ys = geometry.input_span(tile.y.out_start, tile.y.out_stop, 0)
+        xs = geometry.input_span(tile.x.out_start, tile.x.out_stop, 1)
+        if not has_foreground(ys, xs):
             empty.add(tile.index)
     return frozenset(empty)
+
+
+@dataclass(frozen=True, slots=True)
+class SubTilePlan:
+    """A tile's sub-windows (read coordinates relative to the tile's read start) and which
+    of them run: ``keep`` holds ``(i, j)`` of ``rows[i] × cols[j]``; the others are NaN."""
+
+    rows: tuple[AxisWindow, ...]
+    cols: tuple[AxisWindow, ...]
+    keep: frozenset[tuple[int, int]]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.keep) == len(self.rows) * len(self.cols)
+
+    def kept(self) -> list[tuple[AxisWindow, AxisWindow]]:
+        """The sub-windows that run, row-major."""
+        return [(sy, sx) for i, sy in enumerate(self.rows) for j, sx in enumerate(self.cols)
+                if (i, j) in self.keep]
+
+    def reads(self) -> list[tuple[slice, slice]]:
+        """Disjoint rectangles (relative to the tile's window) covering the input windows of
+        the kept sub-windows, and nothing else: the union cut at every window edge into
+        row bands, each band's covered columns merged into runs, equal neighbouring bands
+        merged (a tile with every sub-window kept reads as one rectangle)."""
+        rects = [(sy.read_start, sy.read_stop, sx.read_start, sx.read_stop)
+                 for sy, sx in self.kept()]
+        if not rects:
+            return []
+        ys = sorted({v for r in rects for v in r[:2]})
+        bands: list[list] = []  # [y0, y1, runs]
+        for y0, y1 in zip(ys, ys[1:], strict=False):
+            spans = sorted((r[2], r[3]) for r in rects if r[0] <= y0 and y1 <= r[1])
+            runs: list[list[int]] = []
+            for a, b in spans:
+                if runs and a <= runs[-1][1]:
+                    runs[-1][1] = max(runs[-1][1], b)
+                else:
+                    runs.append([a, b])
+            if bands and bands[-1][1] == y0 and bands[-1][2] == runs:
+                bands[-1][1] = y1
+            elif runs:
+                bands.append([y0, y1, runs])
+        return [(slice(y0, y1), slice(a, b)) for y0, y1, runs in bands for a, b in runs]
+
+
+def plan_sub_tiles(geometry: Geometry, tile: Tile, image_shape: tuple[int, int],
+                   sub_tile: int, has_foreground: Foreground | None = None) -> SubTilePlan:
+    """The sub-windows of ``tile`` (:func:`sub_windows`) and those whose outputs' receptive
+    fields hold foreground (all of them when ``has_foreground`` is None)."""
+    rows = sub_windows(geometry, 0, tile.y, image_shape[0], sub_tile)
+    cols = sub_windows(geometry, 1, tile.x, image_shape[1], sub_tile)
+    if has_foreground is None:
+        keep = {(i, j) for i in range(len(rows)) for j in range(len(cols))}
+    else:
+        ys = [geometry.input_span(w.out_start, w.out_stop, 0) for w in rows]
+        xs = [geometry.input_span(w.out_start, w.out_stop, 1) for w in cols]
+        keep = {(i, j) for i, y in enumerate(ys) for j, x in enumerate(xs)
+                if has_foreground(y, x)}
+    return SubTilePlan(tuple(rows), tuple(cols), frozenset(keep))
 
 
 def sub_window_shapes(geometry: Geometry, plan: TilePlan,

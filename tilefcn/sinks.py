@@ -48,11 +48,17 @@ def read_window(reader: Any, window: tuple[slice, slice]) -> np.ndarray:
 
 
 def write_group(ref: ModelRef, reader: Any, sink: Sink, tiles: list[Tile],
-                image_shape: tuple[int, int], sub_tile: int | None = None) -> int:
-    """Task: read, run and write ``tiles`` with the stages overlapping; returns tiles done."""
+                image_shape: tuple[int, int], sub_tile: int | None = None,
+                footprint: Any = None) -> int:
+    """Task: read, run and write ``tiles`` with the stages overlapping; returns tiles done.
+
+    With a ``footprint`` (:class:`tilefcn.mask.Footprint`) a sub-tile without foreground is
+    neither read nor run (its outputs are NaN), and nodata-centred outputs are NaN.
+    """
     return stream_tiles(get_engine(ref), tiles, lambda t: read_window(reader, t.read), sink,
                         image_shape=image_shape, sub_tile=sub_tile or ref.sub_tile,
-                        out_dtype=getattr(sink, "dtype", "float32"))
+                        out_dtype=getattr(sink, "dtype", "float32"), footprint=footprint,
+                        read_region=lambda ys, xs: read_window(reader, (ys, xs)))
 
 
 def write_block(sink: Sink, block: np.ndarray, tile: Tile) -> int:

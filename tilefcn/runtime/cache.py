@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,6 +238,9 @@ def cached_engines() -> int:
 
 
 def run_tile(ref: ModelRef, window: np.ndarray, y: AxisWindow, x: AxisWindow,
-             image_shape: tuple[int, int], sub_tile: int | None = None) -> np.ndarray:
-    """Task entry: heatmap block ``(C, y.out_len, x.out_len)`` float32 for one tile."""
-    return get_engine(ref).run_tile(window, y, x, image_shape, sub_tile or ref.sub_tile)
+             image_shape: tuple[int, int], sub_tile: int | None = None,
+             footprint: Any = None) -> np.ndarray:
+    """Task entry: heatmap block ``(C, y.out_len, x.out_len)`` float32 for one tile
+    (``footprint``: see :meth:`tilefcn.runtime.engine.Engine.run_tile`)."""
+    return get_engine(ref).run_tile(window, y, x, image_shape, sub_tile or ref.sub_tile,
+                                    footprint=footprint)
