@@ -264,12 +264,15 @@ class _BlockList(list):
 
 
 def compute_group(ref: Any, reader: Any, tiles: list[Tile], image_shape: tuple[int, int],
-                  sub_tile: int | None, dtype: str) -> list[tuple[Tile, np.ndarray]]:
-    """Task on a worker: the encoded blocks of ``tiles``, streamed through its engine."""
+                  sub_tile: int | None, dtype: str,
+                  footprint: Any = None) -> list[tuple[Tile, np.ndarray]]:
+    """Task on a worker: the encoded blocks of ``tiles``, streamed through its engine
+    (``footprint``: the prediction's :class:`tilefcn.mask.Footprint`, when it has one)."""
     from tilefcn.sinks import write_group
 
     blocks = _BlockList(dtype)
-    write_group(ref, reader, blocks, tiles, image_shape, sub_tile)
+    write_group(ref, reader, blocks, tiles, image_shape, sub_tile,
+                *(() if footprint is None else (footprint,)))
     return list(blocks)
 
 
@@ -284,13 +287,14 @@ def gather_into(sink: CogSink, prediction: Any, client: Any, *, group: int, wind
     plan = prediction.plan
     todo = [t for t in plan.tiles() if t.index not in prediction.masked]
     groups: Iterator[list[Tile]] = (todo[k:k + group] for k in range(0, len(todo), group))
-    ref, reader = client.scatter([prediction.ref, prediction.scan.reader], broadcast=True,
-                                 hash=False)
+    footprint = getattr(prediction, "footprint", None)
+    ref, reader, footprint = client.scatter([prediction.ref, prediction.scan.reader,
+                                             footprint], broadcast=True, hash=False)
     total, done = len(plan.tiles()), len(prediction.masked)
 
     def submit(tiles: list[Tile]) -> Any:
         return client.submit(compute_group, ref, reader, tiles, plan.image_shape,
-                             prediction.sub_tile, sink.dtype, pure=False)
+                             prediction.sub_tile, sink.dtype, footprint, pure=False)
 
     running = as_completed([submit(g) for _, g in zip(range(max(1, window)), groups,
                                                       strict=False)])
