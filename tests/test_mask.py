@@ -183,7 +183,7 @@ def test_sub_tile_skipping_is_exact_reads_less_and_leaves_far_background_nan(tmp
         read_px["n"] = 0
         out = tmp_path / f"{mask}.zarr"
         summary = run(str(path), model, out, tile=512, sub_tile=64, device="cpu", mask=mask,
-                      workers=1)
+                      workers=1, backend="torch")
         heatmaps[mask], reads[mask] = zarr.open_group(str(out), mode="r")["0"][:], read_px["n"]
     assert summary.tiles_masked == 0  # every 512-px tile touches the disk: sub-tiles skip
     plain, masked = heatmaps["none"], heatmaps["auto"]
@@ -206,7 +206,8 @@ def test_auto_mask_finds_glass_on_16_bit_brightfield(tmp_path):
     path8, _, _ = _disk_slide(tmp_path, 512, dtype=np.uint8)
     path16, _, disk = _disk_slide(tmp_path, 512, dtype=np.uint16)
     model = padded(3, 2)
-    masks = [plan_prediction(str(p), model, tile=64, device="cpu", mask="auto").masked
+    masks = [plan_prediction(str(p), model, tile=64, device="cpu", backend="torch",
+                             mask="auto").masked
              for p in (path8, path16)]
     assert len(masks[1]) > 0.4 * 64 and masks[0] == masks[1]
     footprint = foreground_mask(open_scan(path16), "auto")

@@ -54,5 +54,8 @@ def tissue_from_features(features: np.ndarray) -> np.ndarray:
     tissue = (od > _threshold(od, OD_CLAMP)) | (saturation > _threshold(saturation,
                                                                          SATURATION_CLAMP))
     smallest = max(4, int(MIN_OBJECT_FRACTION * tissue.size))
-    tissue = remove_small_objects(tissue, max_size=smallest - 1)
+    try:  # scikit-image >= 0.26 names the bound max_size (objects of at most that size go)
+        tissue = remove_small_objects(tissue, max_size=smallest - 1)
+    except TypeError:
+        tissue = remove_small_objects(tissue, min_size=smallest)
     return binary_fill_holes(tissue)  # background not reached from the image's edge

@@ -1,0 +1,129 @@
+"""--bands and nodata: the model sees the chosen bands in order; outputs whose receptive-field
+centre is nodata are NaN, every other output equals the model on the whole image."""
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from click.testing import CliRunner
+from models_zoo import padded, whole_image_output
+
+import tilefcn
+from tilefcn.bands import nodata_pixels, parse_bands, parse_nodata
+from tilefcn.cli import main
+from tilefcn.read import open_scan
+
+NODATA = 65535
+CPU = {"device": "cpu", "backend": "torch"}
+
+
+def _scene(tmp_path, nodata_tag: str | None = str(NODATA)):
+    """A 4-band uint16 scene: nodata on the left 96 columns and at scattered pixels."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 60000, (256, 320, 4), dtype=np.uint16)
+    image[:, :96] = NODATA
+    ys, xs = rng.integers(0, 256, 300), rng.integers(96, 320, 300)
+    image[ys, xs] = NODATA
+    image[10, 200, 0] = NODATA  # one band only: not nodata
+    path = tmp_path / "scene.tif"
+    tags = [] if nodata_tag is None else [(42113, "s", 0, nodata_tag, True)]
+    tifffile.imwrite(path, image, tile=(64, 64), extratags=tags, planarconfig="contig")
+    return path, image
+
+
+def _centre_is_nodata(model, image, out_shape):
+    """Outputs whose receptive-field centre pixel (the lower middle one, clamped into the
+    image) has every band equal to NODATA."""
+    g = tilefcn.measure_geometry(model, in_channels=image.shape[2])
+    rows = [np.clip(g.centre2[a] // 2 + g.stride[a] * np.arange(out_shape[a]), 0,
+                    image.shape[a] - 1) for a in (0, 1)]
+    return (image[np.ix_(*rows)] == NODATA).all(axis=-1)
+
+
+def test_geotiff_nodata_tag_gives_nan_exactly_where_the_centre_is_nodata(tmp_path):
+    path, image = _scene(tmp_path)
+    assert open_scan(path).info.nodata == NODATA
+    model = padded(4, 2)
+    expected = whole_image_output(model, image)
+    centre = _centre_is_nodata(model, image, expected.shape[1:])
+    assert 0.3 < centre.mean() < 0.5
+    heatmap = tilefcn.predict(path, model, tile=64, **CPU).compute()
+    np.testing.assert_array_equal(np.isnan(heatmap), np.broadcast_to(centre, heatmap.shape))
+    np.testing.assert_allclose(heatmap[:, ~centre], expected[:, ~centre], rtol=0, atol=1e-5)
+
+    prediction = tilefcn.graph.plan_prediction(path, model, tile=64, **CPU,
+                                               mask="auto")
+    assert len(prediction.masked) >= 4  # the all-nodata tiles on the left are not run
+    masked = prediction.heatmap.compute()
+    done = ~np.isnan(masked)
+    assert not done[:, centre].any() and done[:, :, 40:].sum() > 0.9 * (~centre[:, 40:]).sum()
+    np.testing.assert_allclose(masked[done], expected[done], rtol=0, atol=1e-5)
+
+    ignored = tilefcn.predict(path, model, tile=64, **CPU, nodata="none").compute()
+    np.testing.assert_allclose(ignored, expected, rtol=0, atol=1e-5)
+
+
+def test_nodata_option_without_a_tag_and_auto_mask_of_a_scene(tmp_path):
+    path, image = _scene(tmp_path, nodata_tag=None)
+    assert open_scan(path).info.nodata is None
+    model = padded(4, 2)
+    expected = whole_image_output(model, image)
+    assert not np.isnan(tilefcn.predict(path, model, tile=64, **CPU).compute()).any()
+    heatmap = tilefcn.predict(path, model, tile=64, **CPU, nodata=NODATA,
+                              mask="auto").compute()
+    centre = _centre_is_nodata(model, image, expected.shape[1:])
+    assert np.isnan(heatmap[:, centre]).all()
+    ok = ~np.isnan(heatmap)
+    np.testing.assert_allclose(heatmap[ok], expected[ok], rtol=0, atol=1e-5)
+
+
+def test_bands_select_and_order_what_the_model_sees(tmp_path):
+    path, image = _scene(tmp_path, nodata_tag=None)
+    model = padded(3, 2)
+    expected = whole_image_output(model, image[..., [3, 0, 1]])
+    for bands in ("4,1,2", [4, 1, 2]):
+        heatmap = tilefcn.predict(path, model, tile=96, **CPU, bands=bands).compute()
+        np.testing.assert_allclose(heatmap, expected, rtol=0, atol=1e-5)
+    array = tilefcn.predict(image, model, tile=96, **CPU, bands="4,1,2").compute()
+    np.testing.assert_allclose(array, expected, rtol=0, atol=1e-5)
+    assert parse_bands("4,3,2,8") == (3, 2, 1, 7) and parse_bands(None) is None
+    assert parse_nodata("nan") != parse_nodata("nan")  # NaN
+    pixels = np.array([[[np.nan, np.nan], [np.nan, 1.0]]], np.float32)
+    assert nodata_pixels(pixels, float("nan")).tolist() == [[True, False]]
+
+
+def test_bands_and_nodata_through_the_cli(tmp_path):
+    from tilefcn.modelio import load_model, save_exported
+
+    path, image = _scene(tmp_path)
+    model = padded(3, 2)
+    pt2 = save_exported(tmp_path / "m.pt2", load_model(model))
+    out = tmp_path / "h.zarr"
+    run = ["run", str(path), "--model", str(pt2), "--tile", "64", "-q", "--bands", "4,3,2"]
+    result = CliRunner().invoke(main, [*run, "--out", str(out), "--mask", "auto"])
+    assert result.exit_code == 0, result.output
+    heatmap = zarr.open_group(str(out), mode="r")["0"][:]
+    selected = image[..., [3, 2, 1]]
+    expected = whole_image_output(model, selected)
+    ok = ~np.isnan(heatmap)
+    assert np.isnan(heatmap[:, :, :20]).all() and ok[:, :, 30:].mean() > 0.9
+    np.testing.assert_allclose(heatmap[ok], expected[ok], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--bands", "0,1,2"], "numbered from 1"),
+    (["--bands", "2,3,5"], "has 4 band(s)"),
+    (["--bands", "a,b,c"], "1-based band numbers"),
+    (["--nodata", "lots"], "--nodata takes a number"),
+    (["--nodata", "70000"], "cannot occur in uint16"),
+    (["--bands", "1,2,3", "--dtype", "uint8"], "uint8"),
+])
+def test_bad_bands_and_nodata_are_one_line_and_write_nothing(tmp_path, args, words):
+    path, _ = _scene(tmp_path)
+    out = tmp_path / "h.zarr"
+    result = CliRunner().invoke(main, ["run", str(path), "--model", "tissue", "--out", str(out),
+                                       "-q", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], lines
+    assert not out.exists()
