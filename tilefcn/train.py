@@ -242,6 +242,23 @@ def sample_patches(opened: list[tuple[Scan, Scan]], classes: list[str] | None, p
 
 # -- training ---------------------------------------------------------------------------------
 
+def training_mpp(opened: list[tuple[Scan, Scan]], mpp: float | None) -> float | None:
+    """The µm/px a model is trained at: ``mpp`` when given, else the training scans' common
+    pixel size (mean of y and x; ``None`` when any scan has none). Scans whose pixel sizes
+    differ by more than 10% need an explicit ``mpp``."""
+    if mpp is not None:
+        if not mpp > 0:
+            raise ValueError(f"mpp must be positive, got {mpp}")
+        return float(mpp)
+    sizes = [None if i.info.mpp is None else sum(i.info.mpp) / 2 for i, _ in opened]
+    if None in sizes:
+        return None
+    if max(sizes) > 1.1 * min(sizes):
+        raise ValueError(f"the training scans differ in pixel size ({min(sizes):g} to "
+                         f"{max(sizes):g} µm/px); give the model's mpp explicitly")
+    return float(np.mean(sizes))
+
+
 def _sha256(path: Path) -> str | None:
     """sha256 of a file (streamed in 1 MB blocks) or of a directory's files (sorted)."""
     if not path.exists():
@@ -294,6 +311,7 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
           width: int = 16, hidden: int = 64, batch_size: int = 64,
           samples_per_class: int = 2000, val_fraction: float = 0.2, lr: float = 2e-3,
           window: int = 512, windows_per_scan: int = 64, overwrite: bool = False,
+          stain_augment: bool = False, mpp: float | None = None,
           progress: bool | Callable[[EpochReport], None] = True) -> TrainResult:
     """Train a ``patch_classifier`` on ``(image, mask)`` pairs and save it to bundle ``out``.
 
@@ -302,6 +320,9 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
     deterministic for a given ``seed`` and thread count. ``progress``: ``True`` shows a tqdm
     bar per epoch, a callable additionally receives an :class:`EpochReport` per epoch,
     ``False`` is silent. The saved bundle is convolutionalized and outputs probabilities.
+    ``stain_augment`` (RGB only): every training batch is re-stained, colour-jittered,
+    blurred and JPEG re-encoded (:mod:`tilefcn.augment`). ``mpp``: the µm/px the model is
+    trained at, recorded in the bundle (default: the training scans' pixel size, when known).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -317,6 +338,7 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     opened = _open_pairs(pairs, patch)
+    mpp = training_mpp(opened, mpp)
     rng = np.random.default_rng(seed)
     patches, labels, names = sample_patches(opened, list(classes) if classes else None, patch,
                                             samples_per_class, rng, window, windows_per_scan)
@@ -324,6 +346,14 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
     channels, dtype = patches.shape[-1], patches.dtype
     scaling = _fit_scaling(patches, tr)
     jitter = channels == 3 and dtype == np.uint8
+    stain = None
+    if stain_augment:
+        if channels != 3:
+            raise ValueError(f"stain augmentation needs RGB scans, these have {channels} "
+                             "channel(s)")
+        from tilefcn.augment import StainAugment
+
+        stain, jitter = StainAugment(), False
     kwargs = {"in_channels": channels, "classes": len(names), "width": width,
               "hidden": hidden, "patch_size": patch}
 
@@ -350,6 +380,8 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
             for i in bar if bar is not None else batches:
                 idx = order[i:i + batch_size]
                 x = augment(scale_input(patches[idx], Scaling("dtype")), rng, jitter)
+                if stain is not None:
+                    x = stain(x, rng)
                 loss = loss_fn(net(_to_tensor(x, scaling)), torch.from_numpy(labels[idx]))
                 opt.zero_grad()
                 loss.backward()
@@ -376,7 +408,8 @@ def train(pairs: Sequence[tuple[Any, Any]], out: str | Path, *, epochs: int = 8,
              "mask": Path(m.info.source).name, "mask_sha256": _sha256(Path(m.info.source))}
             for i, m in opened],
         "seed": seed, "epochs": epochs, "val_accuracy": acc,
-        "per_class_accuracy": per_class, "patch_size": patch,
+        "per_class_accuracy": per_class, "patch_size": patch, "mpp": mpp,
+        "augmentation": "stain" if stain is not None else "flips+jitter" if jitter else "flips",
         "samples": {"train": len(tr), "val": len(va), "per_class": samples_per_class},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tilefcn_version": __version__,
