@@ -28,7 +28,7 @@ from tilefcn.read import Scan, open_scan
 
 __all__ = ["Footprint", "brightfield", "foreground_mask", "max_pool"]
 
-MAX_SIDE = 2048
+MAX_SIDE = 1024  # px: 8 scan px per mask px on an 8192² slide, 32 per 256-px sub-tile
 
 
 @dataclass(frozen=True, eq=False)

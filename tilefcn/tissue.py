@@ -17,6 +17,8 @@ splitting tissue into haematoxylin and eosin when the glass is a small share of 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = ["brightfield_features", "tissue_from_features"]
@@ -26,14 +28,24 @@ SATURATION_CLAMP = (0.05, 0.10)  # … and the saturation threshold (0–1 scale
 MIN_OBJECT_FRACTION = 5e-5  # objects smaller than this share of the image are noise
 
 
+@functools.cache
+def _od_table(dtype: str) -> np.ndarray:
+    """``−ln(max(v, 1) / I_max)`` for every value ``v`` of an unsigned 8/16-bit dtype."""
+    top = np.iinfo(dtype).max
+    return (-np.log(np.maximum(np.arange(top + 1), 1) / top)).astype(np.float32)
+
+
 def brightfield_features(block: np.ndarray) -> np.ndarray:
     """``(h, w, 3)`` RGB pixels → ``(h, w, 2)`` float32 ``[OD, saturation]`` (module doc)."""
-    top = float(np.iinfo(block.dtype).max) if block.dtype.kind in "iu" else 1.0
-    rgb = block.astype(np.float32)
-    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
-    od = -np.log(np.clip(lo, 1e-3 * top if top > 1 else 1e-6, None) / top)
-    saturation = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0)
-    return np.stack([od, saturation], axis=-1).astype(np.float32)
+    hi, lo = block.max(axis=-1), block.min(axis=-1)
+    if block.dtype in (np.uint8, np.uint16):
+        od = _od_table(block.dtype.name)[lo]  # a lookup: no log per pixel
+    else:
+        top = float(np.iinfo(block.dtype).max) if block.dtype.kind in "iu" else 1.0
+        od = -np.log(np.clip(lo.astype(np.float32), 1e-6 * top, None) / top)
+    hi = hi.astype(np.float32)
+    saturation = (hi - lo) / np.maximum(hi, np.float32(1e-12))  # 0 for black
+    return np.stack([od, saturation.astype(np.float32)], axis=-1)
 
 
 def _threshold(values: np.ndarray, clamp: tuple[float, float]) -> float:
