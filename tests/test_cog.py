@@ -107,6 +107,7 @@ def test_masked_tiles_are_nan_nodata(tmp_path):
         masks = src.read_masks(1)
     nan = np.isnan(got)
     assert nan[:, :, -1].all() and not nan[:, :, 0].any()
+    assert (nan == nan[:1]).all()  # every band NaN alike (GDAL fills only band 1 itself)
     assert (masks[nan[0]] == 0).all() and (masks[~nan[0]] == 255).all()
     np.testing.assert_allclose(got[~nan], expected[~nan], rtol=0, atol=1e-5)
 

@@ -219,6 +219,7 @@ def _write_tiff(prediction: Prediction, out: Path, client: Any, dtype: str,
     tiles, masked = plan.grid[0] * plan.grid[1], len(prediction.masked)
     group = _group_size(tiles - masked, workers)
     try:
+        sink.write_nodata(plan.tile(*index) for index in sorted(prediction.masked))
         if progress:
             progress(masked, tiles)
         if client is not None and prediction.scan.reader is not None:
