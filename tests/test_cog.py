@@ -131,6 +131,29 @@ def test_plain_slide_gives_a_cog_in_scan_pixels_and_uint8(tmp_path):
             np.testing.assert_array_equal(got, np.round(np.clip(expected, 0, 1) * 255))
         else:
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    run(slide, model, tmp_path / "heat-uint8.tif", tile=64, device="cpu", overwrite=True)
+    with rasterio.open(tmp_path / "heat-uint8.tif") as src:
+        assert src.dtypes[0] == "float32"  # replaced by the new run
+
+
+def test_failed_run_leaves_the_old_output_and_no_partial_files(tmp_path, monkeypatch):
+    scene, _ = _scene(tmp_path / "scene.tif", shape=(128, 128), seed=4)
+    out = tmp_path / "heat.tif"
+    run(scene, padded(4, 2), out, tile=64, device="cpu")
+    before = out.read_bytes()
+    real, calls = cog.CogSink.__call__, []
+
+    def failing(sink, tile, block):
+        calls.append(tile)
+        if len(calls) > 2:
+            raise RuntimeError("worker lost")
+        return real(sink, tile, block)
+
+    monkeypatch.setattr(cog.CogSink, "__call__", failing)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(scene, padded(4, 2), out, tile=32, device="cpu", overwrite=True)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.tif", "scene.tif"]
 
 
 def test_float16_geotiff_is_refused_before_anything_is_written(tmp_path):
