@@ -157,7 +157,7 @@ def foreground_mask(scan: Scan, spec: str | Path | None, nodata: float | None = 
         return _footprint(scan, level, factor, grid, nodata)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"no such mask file: {path}")
+        raise FileNotFoundError(f"no such file: {path} (--mask)")
     level, factor = _level_for(open_scan(path), max_side)
     grid = max_pool(level.array, factor, lambda b: np.any(b != 0, axis=-1)[..., None])
     return _footprint(scan, level, factor, grid[..., 0] > 0, nodata)
