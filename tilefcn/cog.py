@@ -305,11 +305,12 @@ def compute_group(ref: Any, reader: Any, tiles: list[Tile], image_shape: tuple[i
 
 
 def gather_into(sink: CogSink, prediction: Any, client: Any, *, group: int, window: int,
-                progress: Callable[[int, int], None] | None = None) -> int:
+                progress: Callable[[int, int], None] | None = None,
+                resources: dict | None = None) -> int:
     """Compute the unmasked tiles of ``prediction`` on ``client``'s workers in groups of
     ``group`` tiles, at most ``window`` groups in flight (so at most ``group · window``
     blocks wait for this process), and write each block into ``sink`` here, as it arrives.
-    Returns the tiles written."""
+    ``resources`` (e.g. ``{"GPU": 1}``) go with each task. Returns the tiles written."""
     from distributed import as_completed
 
     plan = prediction.plan
@@ -322,7 +323,8 @@ def gather_into(sink: CogSink, prediction: Any, client: Any, *, group: int, wind
 
     def submit(tiles: list[Tile]) -> Any:
         return client.submit(compute_group, ref, reader, tiles, plan.image_shape,
-                             prediction.sub_tile, sink.dtype, footprint, pure=False)
+                             prediction.sub_tile, sink.dtype, footprint, pure=False,
+                             resources=resources)
 
     running = as_completed([submit(g) for _, g in zip(range(max(1, window)), groups,
                                                       strict=False)])

@@ -226,8 +226,9 @@ def _write_tiff(prediction: Prediction, out: Path, client: Any, dtype: str,
             from tilefcn.runtime.plugin import RuntimePlugin
 
             client.register_plugin(RuntimePlugin(prediction.ref))
+            gpu = str(prediction.ref.device).startswith("cuda") and has_gpu_workers(client)
             gather_into(sink, prediction, client, group=group, window=2 * workers,
-                        progress=progress)
+                        progress=progress, resources={"GPU": 1} if gpu else None)
         else:
             name = f"tilefcn-cog-{prediction.name.rsplit('-', 1)[-1]}"
             sink_d = dask.delayed(sink, name=f"{name}-sink", traverse=False)
