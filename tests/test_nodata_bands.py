@@ -1,6 +1,7 @@
 """--bands and nodata: the model sees the chosen bands in order; outputs whose receptive-field
 centre is nodata are NaN, every other output equals the model on the whole image."""
 
+import dask.array as da
 import numpy as np
 import pytest
 import tifffile
@@ -61,6 +62,10 @@ def test_geotiff_nodata_tag_gives_nan_exactly_where_the_centre_is_nodata(tmp_pat
 
     ignored = tilefcn.predict(path, model, tile=64, **CPU, nodata="none").compute()
     np.testing.assert_allclose(ignored, expected, rtol=0, atol=1e-5)
+    lazy = tilefcn.predict(da.from_array(image, chunks=(100, 100, 4)), model, tile=64, **CPU,
+                           nodata=NODATA, mask="auto").compute()  # no reader: dask windows
+    np.testing.assert_array_equal(np.isnan(lazy), np.isnan(masked))
+    np.testing.assert_allclose(lazy[done], expected[done], rtol=0, atol=1e-5)
 
 
 def test_nodata_option_without_a_tag_and_auto_mask_of_a_scene(tmp_path):
