@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from models_zoo import padded, whole_image_output
+from models_zoo import ZOO, padded, whole_image_output
 
 import tilefcn
 from tilefcn.cli import main
@@ -226,3 +226,52 @@ def test_thumbnail_reads_one_small_level(tmp_path):
     np.testing.assert_array_equal(small, open_scan(slide.image, level=2).array.compute()[::2, ::2])
     image = np.arange(300 * 90 * 1, dtype=np.uint16).reshape(300, 90, 1)
     np.testing.assert_array_equal(thumbnail(open_scan(image), 100), image[::3, ::3])
+
+
+@pytest.mark.parametrize("build", ZOO, ids=lambda b: b.__name__)
+def test_skipped_sub_tiles_are_not_read_and_kept_ones_are_exact_for_every_geometry(build):
+    """Random sub-tile footprints over the zoo (halos, strides, crops, upsampling): pixels
+    outside the kept sub-windows' reads are never read, kept outputs equal the
+    model on the whole image, the others are NaN."""
+    from tilefcn.measure.shapes import output_shape
+    from tilefcn.modelio import load_model
+    from tilefcn.runtime.cache import get_engine, make_ref
+    from tilefcn.runtime.engine import stream_tiles
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 255, (200, 232, 3), dtype=np.uint8)
+    model = load_model(build(3))
+    expected = whole_image_output(model.module, image)
+    out_shape = output_shape(model.module, 3, image.shape[:2], model.geometry)[1:]
+    plan = plan_tiles(model.geometry, image.shape[:2], out_shape, 96)
+    grid = np.zeros((20, 24), bool)  # 10-px cells, a few of them foreground
+    grid[rng.integers(0, 20, 4), rng.integers(0, 24, 4)] = True
+    footprint = Footprint(image.shape[:2], grid, (10.0, 10.0))
+    engine = get_engine(make_ref(model, "cpu", backend="torch"))
+    heatmap = np.full(expected.shape, -1.0, np.float32)
+    read = np.zeros(image.shape[:2], bool)
+
+    def read_region(ys, xs):
+        read[ys, xs] = True
+        return image[ys, xs]
+
+    def write(tile, block):
+        heatmap[(slice(None), *tile.out)] = block
+
+    stream_tiles(engine, plan.tiles(), lambda t: read_region(*t.read), write,
+                 image_shape=image.shape[:2], sub_tile=32, footprint=footprint,
+                 read_region=read_region)
+    kept = np.zeros(expected.shape[1:], bool)
+    needed = np.zeros(image.shape[:2], bool)
+    for tile in plan.tiles():
+        sub = engine.sub_plan(tile, image.shape[:2], 32, footprint)
+        if sub.complete:  # read as one window
+            needed[tile.read] = True
+        for sy, sx in sub.kept():
+            kept[sy.out, sx.out] = True
+            needed[tile.y.read_start + sy.read_start:tile.y.read_start + sy.read_stop,
+                   tile.x.read_start + sx.read_start:tile.x.read_start + sx.read_stop] = True
+    assert 0.05 < kept.mean() < 0.9 and needed.mean() < 0.95, (kept.mean(), needed.mean())
+    np.testing.assert_array_equal(read, needed)
+    assert np.isnan(heatmap[:, ~kept]).all()
+    np.testing.assert_allclose(heatmap[:, kept], expected[:, kept], rtol=0, atol=1e-5)
