@@ -54,8 +54,11 @@ class ScanInfo:
     #                  shape, mpp and geotransform are those after it
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-friendly dict (tuples become lists)."""
-        return json.loads(json.dumps(asdict(self)))
+        """Return a JSON-friendly dict (tuples become lists; a NaN nodata becomes "nan")."""
+        data = json.loads(json.dumps(asdict(self)))
+        if self.nodata is not None and self.nodata != self.nodata:  # strict JSON has no NaN
+            data["nodata"] = "nan"
+        return data
 
 
 @dataclass(frozen=True)
