@@ -201,13 +201,18 @@ def run(images: tuple[Path, ...], out_dir: Path | None, scheduler_file: Path | N
 
         run_cohort_command(_run_one, images, out_dir, processes, scans_in_flight, params)
         return
-    if processes and params["workers"] and not (params["scheduler"] or params["gpus"]):
-        from tilefcn.cluster import cluster_client
+    from tilefcn.cluster import cluster_client, lost_scheduler_error
 
-        with cluster_client(processes=params["workers"]) as client:
-            summary = _run_one(images[0], **{**params, "scheduler": client})
-    else:
-        summary = _run_one(images[0], **params)
+    local = processes and params["workers"] and not (params["scheduler"] or params["gpus"])
+    try:
+        with cluster_client(processes=params["workers"] if local else None) as client:
+            summary = _run_one(images[0], **{**params, "scheduler": client or
+                                             params["scheduler"]})
+    except Exception as exc:
+        if "scheduler-connection-lost" in str(exc):
+            raise lost_scheduler_error(exc, "run the same command with --resume to "
+                                            "continue") from exc
+        raise
     _report_scan(summary, params["verbose"])
 
 

@@ -67,7 +67,7 @@ def run_cohort_command(run_one: Callable[..., Any], images: tuple[Path, ...],
                        in_flight: int | None, params: dict[str, Any]) -> None:
     """Run the cohort ``images`` with ``run_one(image, **params)`` per scan; exit 1 when any
     scan failed (the printed table and ``tilefcn-summary.csv/.json`` say which and why)."""
-    from tilefcn.cluster import cluster_client, scheduler_lost
+    from tilefcn.cluster import cluster_client, lost_scheduler_error, scheduler_lost
     from tilefcn.modelio import load_model
 
     if params.get("out") is not None:
@@ -101,13 +101,11 @@ def run_cohort_command(run_one: Callable[..., Any], images: tuple[Path, ...],
         bar = _ScanBar(len(jobs), not quiet)
         try:
             results = run_cohort(jobs, one, in_flight=flights, progress=bar,
-                                 fatal=lambda exc: scheduler_lost(client))
+                                 fatal=lambda exc: scheduler_lost(client, exc))
         except Exception as exc:
-            if scheduler_lost(client):
-                raise ConnectionError(
-                    f"lost the dask scheduler mid-run ({str(exc).strip() or type(exc).__name__}"
-                    "); run the same command again to resume: complete scans are skipped, "
-                    "unfinished ones continue") from exc
+            if scheduler_lost(client, exc):
+                raise lost_scheduler_error(exc, "run the same command again: complete scans "
+                                                "are skipped, unfinished ones resume") from exc
             raise
         finally:
             bar.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,15 +162,28 @@ def _client(address: Any) -> Iterator[Any]:
         client = Client(address, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise ConnectionError(f"cannot reach the dask scheduler at {address}: {exc}") from None
+    # a lost scheduler is reported once, as an exception; not as distributed's tracebacks
+    for name in ("distributed.client", "distributed.batched"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     with client:
         client.register_plugin(RuntimePlugin())
         yield client
 
 
-def scheduler_lost(client: Any) -> bool:
-    """Whether ``client`` has lost its scheduler (its connection closed or failing)."""
-    return client is not None and getattr(client, "status", "running") not in (
-        "running", "connecting", "newly-created")
+def scheduler_lost(client: Any, exc: BaseException | None = None) -> bool:
+    """Whether ``client`` has lost its scheduler: ``exc`` is a task cancelled for that
+    reason, or the client is no longer running (reconnecting, closed)."""
+    if client is None:
+        return False
+    if exc is not None and "scheduler-connection-lost" in str(exc):
+        return True
+    return getattr(client, "status", "running") != "running"
+
+
+def lost_scheduler_error(exc: BaseException, resume: str) -> ConnectionError:
+    """The one-line error for a scheduler lost mid-run; ``resume`` says how to go on."""
+    return ConnectionError(f"lost the dask scheduler mid-run; {resume} (chunks already "
+                           f"written are kept): {str(exc).strip() or type(exc).__name__}")
 
 
 def has_gpu_workers(client: Any) -> bool:

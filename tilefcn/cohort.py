@@ -90,7 +90,8 @@ def read_manifest(path: str | os.PathLike, *, out_dir: str | os.PathLike | None 
     """The jobs of a CSV manifest: rows ``image[,out][,mask]`` (a first row starting with
     ``image`` is a header; blank rows and ``#`` comments are skipped). Relative images and
     masks are relative to the manifest's folder, relative outputs to ``out_dir`` (else the
-    manifest's folder); an empty ``out`` is the default ``<stem>.heatmap.zarr``."""
+    manifest's folder); an empty ``out`` is ``<stem>.heatmap.zarr`` in ``out_dir``, else
+    next to the scan."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such manifest: {path}")
@@ -240,7 +241,7 @@ def summary_table(results: Sequence[ScanResult]) -> str:
     """The summary as aligned text: scan, status, tiles, MP/s, seconds, output (and why a
     scan failed)."""
     head = ("scan", "status", "tiles", "MP/s", "seconds", "output")
-    rows = [(Path(r.scan).name, r.status, str(r.tiles), f"{r.mp_per_s:.1f}",
+    rows = [(Path(r.scan).name, r.status, str(r.tiles), f"{r.mp_per_s:.2f}",
              f"{r.seconds:.2f}", r.error if r.status == "failed" else r.output)
             for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
