@@ -75,7 +75,7 @@ def _chunk_mtimes(out_dir: Path) -> dict[str, int]:
 
 
 def test_folder_lists_scans_but_not_outputs_hidden_or_other_files(tmp_path):
-    for name in ("b.tif", "a.svs", ".hidden.tif", "notes.txt", "a.heatmap.tif"):
+    for name in ("b.tif", "a.svs", ".hidden.tif", "notes.txt", "a.heatmap.tif", "b.mask.tif"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "c.zarr").mkdir()
     (tmp_path / "a.heatmap.zarr").mkdir()  # a previous run's output next to the scans

@@ -29,7 +29,7 @@ __all__ = ["ScanJob", "ScanResult", "expand_inputs", "is_cohort", "read_manifest
 
 SCAN_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf", ".qptiff", ".zarr")
 MANIFEST_SUFFIXES = (".csv",)
-OUTPUT_MARK = ".heatmap."  # default outputs (<stem>.heatmap.zarr) are never inputs
+NOT_SCANS = (".heatmap.", ".mask.")  # outputs (<stem>.heatmap.zarr) and masks beside scans
 SUMMARY_NAME = "tilefcn-summary"
 FIELDS = ("scan", "status", "tiles", "mp_per_s", "seconds", "output", "error")
 
@@ -60,9 +60,9 @@ class ScanResult:
 
 
 def _is_scan(path: Path) -> bool:
-    """A scan file or zarr store (not a tilefcn output, not a hidden file)."""
+    """A scan file or zarr store (not a tilefcn output, a ``.mask.`` file or hidden)."""
     name = path.name.lower()
-    if name.startswith(".") or OUTPUT_MARK in name:
+    if name.startswith(".") or any(mark in name for mark in NOT_SCANS):
         return False
     if path.is_dir():
         return name.endswith(".zarr") or any(
