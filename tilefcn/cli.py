@@ -181,6 +181,11 @@ class _Bar:
                                       "GeoTIFFs: float32 or uint8.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
+@click.option("--preview", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
+              help="Also write a PNG preview (OME-Zarr outputs): the scan's thumbnail with the "
+                   "argmax class colours blended in (opacity = probability), a legend of the "
+                   "class names and a scale bar in µm. Alone: <out stem>.preview.png next to "
+                   "the output (each scan of a cohort); or PATH (.png, one scan).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Also print the backend chosen and the "
                                                     "rates measured.")
@@ -198,6 +203,10 @@ def run(images: tuple[Path, ...], out_dir: Path | None, scheduler_file: Path | N
         params["scheduler"] = read_scheduler_file(scheduler_file)
     if is_cohort(images, out_dir):
         from tilefcn.cli_cohort import run_cohort_command
+
+        if params.get("preview") not in (None, "auto"):
+            raise click.UsageError("--preview PATH is for one scan; a cohort takes --preview "
+                                   "alone (a preview next to each heatmap)")
 
         run_cohort_command(_run_one, images, out_dir, processes, scans_in_flight, params)
         return
@@ -221,7 +230,7 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
         scheduler: str | None, gpus: int | None, backend: str, batch: int | None,
         precision: str, dtype: str, mask: str, overwrite: bool, resume: bool, quiet: bool,
         verbose: bool, skip_complete: bool = False, bands: str | None = None,
-        nodata: str | None = None) -> RunSummary:
+        nodata: str | None = None, preview: str | None = None) -> RunSummary:
     """One scan of `tilefcn run` (also each scan of a cohort): open, run, return the summary."""
     from tilefcn.job import run as run_scan
 
@@ -236,6 +245,7 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
                    f"halo and a call of its own, so this runs several times slower than the "
                    f"default (256 on CPU)", err=True)
     scan = open_scan(image, level=level, mpp=mpp)  # a missing file: one-line error, exit 2
+    png = _preview_path(preview, out, scan, overwrite or resume or skip_complete)
     bar = _Bar(scan.info.shape[0] * scan.info.shape[1] / 1e6, not quiet)
     try:
         summary = run_scan(scan, model, out, tile=tile, device=device,
@@ -247,7 +257,26 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
                            warn=lambda m: click.echo(f"Warning: {m}", err=True))
     finally:
         bar.close()
+    if png is not None:
+        from tilefcn.preview import write_preview
+
+        click.echo(f"Preview: {write_preview(summary.out, png, scan=scan).path}")
     return summary
+
+
+def _preview_path(preview: str | None, out: Path | None, scan: Any,
+                  replace: bool) -> Path | None:
+    """Where ``--preview`` writes (None: no preview), checked before the run starts."""
+    if preview is None:
+        return None
+    from tilefcn.job import default_output
+    from tilefcn.preview import check_preview_path, default_preview_path
+
+    target = Path(out) if out is not None else default_output(str(scan.info.source))
+    if target.suffix.lower() != ".zarr":
+        raise ValueError("--preview needs an OME-Zarr output (.zarr)")
+    png = default_preview_path(target) if preview == "auto" else Path(preview)
+    return check_preview_path(png, overwrite=replace)
 
 
 def _report_scan(summary: RunSummary, verbose: bool) -> None:
