@@ -218,9 +218,10 @@ def test_cohort_refuses_out_and_keeps_a_foreign_output(tmp_path, model_file):
 # --- a real cluster ----------------------------------------------------------------------
 
 
-def _start_cluster(info: Path, procs: list) -> None:
+def _start_cluster(info: Path, procs: list, wait: bool = True) -> None:
     """Start a `dask scheduler` writing ``info`` and a `dask worker` of 2 single-threaded
-    processes (nannies) on 127.0.0.1, appended to ``procs``; wait (bounded) for both."""
+    processes (nannies) on 127.0.0.1, appended to ``procs``; wait (bounded) for the scheduler
+    and, with ``wait``, for both workers."""
     from distributed import Client
 
     procs.append(subprocess.Popen(
@@ -237,6 +238,8 @@ def _start_cluster(info: Path, procs: list) -> None:
                       "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
                       "--memory-limit", "2GB"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    if not wait:
+        return
     with Client(scheduler_file=str(info), timeout="30s") as client:
         client.wait_for_workers(2, timeout=START_TIMEOUT)
 
@@ -293,6 +296,36 @@ def test_cohort_on_a_real_cluster_with_a_corrupt_scan(scheduler_file, tmp_path, 
     assert again.exit_code == 1, again.output
     assert {r["status"] for k, r in _rows(out).items() if k != "corrupt"} == {"skipped"}
     assert _chunk_mtimes(out) == before
+
+
+def test_one_scan_with_a_scheduler_file_keeps_out(scheduler_file, tmp_path, model_file):
+    images = _cohort(tmp_path, [(100, 90)], seed=4)
+    out = tmp_path / "one.zarr"
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "s0.tif"), "--model",
+                                       str(model_file), "--out", str(out), "--backend",
+                                       "torch", "--scheduler-file", str(scheduler_file), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Wrote {out}")  # the single-scan report, no table
+    group = zarr.open_group(str(out), mode="r")
+    np.testing.assert_allclose(group["0"][:], whole_image_output(dilated(3), images["s0"]),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "no such scheduler file"), ("{not json", "is not a dask scheduler file"),
+    ('{"address": ""}', "is not a dask scheduler file")])
+def test_bad_scheduler_file_is_one_line_exit_2(tmp_path, content, message):
+    info = tmp_path / "scheduler.json"
+    if content is not None:
+        info.write_text(content)
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    for inputs in ([str(tmp_path / "s.tif")], [str(tmp_path)]):  # one scan, a cohort
+        result = CliRunner().invoke(main, ["run", *inputs, "--scheduler-file", str(info),
+                                           "-q"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error:") and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s.heatmap.zarr").exists()
 
 
 def test_worker_killed_mid_run_outputs_still_identical(scheduler_file, tmp_path, model_file):
@@ -352,7 +385,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_the_same_command_resumes(tmp_pat
     images = _cohort(tmp_path / "scans", [(320, 256), (288, 256)], seed=3)
     info, out, procs = tmp_path / "scheduler.json", tmp_path / "out", []
     try:
-        _start_cluster(info, procs)
+        _start_cluster(info, procs, wait=False)  # workers start while the CLI imports
         proc = subprocess.Popen(  # a real console process: its stderr is what users see
             [sys.executable, "-m", "tilefcn",
              *_run_args(tmp_path / "scans", model_file, out, info)],
