@@ -152,6 +152,23 @@ def test_scans_in_flight_are_bounded_and_rows_keep_their_order(tmp_path):
     assert isinstance(rows[0], ScanResult)
 
 
+def test_an_interrupt_does_not_wait_for_the_scans_in_flight():
+    from tilefcn.job import RunSummary
+
+    def one(job):
+        time.sleep(0.01 if job.image.name == "quick" else 3)
+        return RunSummary(str(job.out), (2, 1, 1), 1, 0, 0.1, 0.1)
+
+    def interrupt(result, done, total):
+        raise KeyboardInterrupt
+
+    jobs = [ScanJob(Path(n), Path(f"{n}.zarr")) for n in ("quick", "slow", "later")]
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(jobs, one, in_flight=2, progress=interrupt)
+    assert time.perf_counter() - start < 2
+
+
 # --- the CLI on local threads ------------------------------------------------------------
 
 

@@ -213,12 +213,14 @@ def run_cohort(jobs: Sequence[ScanJob], run_one: RunOne, *, in_flight: int = 1,
         return results  # type: ignore[return-value]
     pending: dict[cf.Future, int] = {}
     queue = iter(enumerate(jobs))
-    with cf.ThreadPoolExecutor(in_flight, thread_name_prefix="tilefcn-scan") as pool:
-        def submit_next() -> None:
-            for index, job in queue:
-                pending[pool.submit(_attempt, run_one, job, fatal)] = index
-                return
+    pool = cf.ThreadPoolExecutor(in_flight, thread_name_prefix="tilefcn-scan")
 
+    def submit_next() -> None:
+        for index, job in queue:
+            pending[pool.submit(_attempt, run_one, job, fatal)] = index
+            return
+
+    try:
         for _ in range(in_flight):
             submit_next()
         error: BaseException | None = None
@@ -227,13 +229,19 @@ def run_cohort(jobs: Sequence[ScanJob], run_one: RunOne, *, in_flight: int = 1,
             for future in finished:
                 index = pending.pop(future)
                 try:
-                    record(index, future.result())
+                    result = future.result()
                 except BaseException as exc:  # noqa: BLE001 - fatal: stop submitting
                     error = error or exc
+                    continue
+                record(index, result)
                 if error is None:
                     submit_next()
         if error is not None:
             raise error
+    except BaseException:  # Ctrl-C or fatal: do not wait here for the scans in flight
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results  # type: ignore[return-value]
 
 
