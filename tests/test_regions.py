@@ -73,6 +73,9 @@ def test_argmax_regions_equal_the_whole_heatmap_and_cross_seams_once(tmp_path) -
                                  "source": {"level": 1, "downsamples": [1.0, 2.0]}})
     # heatmap pixel u covers scan level-1 [o + (r-s)/2 + s·u, …) = [2 + 4u, …), level 0 × 2
     assert transform == (8.0, 0.0, 4.0, 0.0, 8.0, 4.0)
+    thirds = pixel_transform({"geometry": GEOMETRY.to_dict(),  # --mpp: level 1 averaged × 3
+                              "source": {"level": 1, "downsamples": [1.0, 2.0], "factor": 3}})
+    assert thirds == (24.0, 0.0, 12.0, 0.0, 24.0, 12.0)
     labels = np.argmax(np.nan_to_num(data, nan=-np.inf), axis=0)
     valid = ~np.isnan(data).all(axis=0)
     for i, name in enumerate(CLASSES):

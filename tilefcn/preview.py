@@ -237,8 +237,8 @@ def render_preview(heatmap: str | os.PathLike, *, scan: Any = None, max_side: in
         bar = _scale_bar(tw, width / tw * float(mpp[1]), "µm")
     else:
         downsamples, lv = source.get("downsamples") or [1.0], int(source.get("level") or 0)
-        bar = _scale_bar(tw, width / tw * float(downsamples[min(lv, len(downsamples) - 1)]),
-                         "px")
+        d = float(downsamples[min(lv, len(downsamples) - 1)]) * int(source.get("factor") or 1)
+        bar = _scale_bar(tw, width / tw * d, "px")  # level-0 scan pixels
     model = (attrs.get("model") or {}).get("name", "model")
     title = f"{model} on {Path(str(source.get('source', path.name))).name}"
     image = _legend(_blend(background, probs, opacity), classes, bar, title)

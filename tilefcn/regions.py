@@ -16,7 +16,8 @@ Coordinates (pixel ``k`` covers ``[k, k+1)``): heatmap pixel-corner ``u`` of pyr
 ``L`` is heatmap level-0 corner ``2^L·u``, which is scan corner
 ``x = o + (r - s)/2 + s·2^L·u`` at the run's scan level (``o + (r-1)/2 + 0.5`` is the
 receptive field's centre, ``± s/2`` the pixel's extent; :func:`tilefcn.job.heatmap_transform`),
-and level-0 scan pixel ``d·x`` for the level's downsample ``d`` (QuPath's image coordinates).
+and level-0 scan pixel ``d·k·x`` for the level's downsample ``d`` and the area-averaging
+factor ``k`` of an ``--mpp`` between levels (QuPath's image coordinates).
 With ``crs`` the scan coordinates go through the scan's geotransform instead
 (``X = x0 + pw·x + rx·y``, ``Y = y0 + ry·x + ph·y``) and the file gets a ``crs`` member.
 """
@@ -81,6 +82,7 @@ def pixel_transform(attrs: dict, level: int = 0, *, crs: bool = False) -> tuple[
     if not crs:
         downsamples, lv = source.get("downsamples") or [1.0], int(source.get("level") or 0)
         d = float(downsamples[lv]) if lv < len(downsamples) else 1.0
+        d *= int(source.get("factor") or 1)  # --mpp between levels: area-averaged × factor
         return (sx * f * d, 0.0, tx * d, 0.0, sy * f * d, ty * d)
     if source.get("geotransform") is None or not source.get("crs"):
         raise ValueError("--crs needs a georeferenced scan; this heatmap's scan has no "
