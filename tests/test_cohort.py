@@ -107,7 +107,7 @@ def test_manifest_rows_header_relative_paths_and_errors(tmp_path):
     with pytest.raises(ValueError, match="line 1: expected image"):
         expand_inputs([tmp_path / "wide.csv"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no scans to run"):
+    with pytest.raises(ValueError, match="empty: a directory, not an image .* no scans"):
         expand_inputs([tmp_path / "empty"])
     with pytest.raises(FileNotFoundError, match="no such manifest"):
         expand_inputs([tmp_path / "missing.csv"])

@@ -138,6 +138,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], *,
             jobs.extend(read_manifest(path, out_dir=target, suffix=suffix))
         elif path.is_dir() and not _is_scan(path):
             found = sorted(p for p in path.iterdir() if _is_scan(p))
+            if not found:
+                raise ValueError(f"{path}: a directory, not an image or a zarr store, and "
+                                 f"no scans in it (names ending in {', '.join(SCAN_SUFFIXES)})")
             jobs.extend(ScanJob(p, _output(p, target, suffix)) for p in found)
         else:
             jobs.append(ScanJob(path, _output(path, target, suffix)))
