@@ -6,11 +6,12 @@ or, with a ``threshold`` ``t``, when ``p_c ≥ t`` (classes may then overlap). R
 heatmap pixel-corner coordinates, where every vertex is an integer and unions are exact.
 
 Seams: a piece touching an inner block edge may continue in a neighbour. Blocks are taken a
-row at a time; the pieces of a row touching a seam are united (``shapely.union_all``) with the
-*front* — the merged regions of the rows above that touch this row's top edge. A merged region
-that does not reach the row's bottom edge is final and written out; the rest is the new front.
-Memory is one block plus the front (regions still open across the current seam), never the
-whole heatmap; a region crossing any number of seams comes out as one polygon (holes kept).
+row at a time; pieces touching a seam are grouped (a union-find: two pieces sharing a boundary
+segment are one region) with each other and with the *front*, the pieces of the row above on
+its bottom edge. A region none of whose pieces reaches the current row's bottom edge is final:
+its pieces are united once (``shapely.union_all``) and written out. Memory is one block plus
+the pieces of the regions still open, never the whole heatmap; a region crossing any number of
+seams comes out as one polygon (holes kept).
 
 Coordinates (pixel ``k`` covers ``[k, k+1)``): heatmap pixel-corner ``u`` of pyramid level
 ``L`` is heatmap level-0 corner ``2^L·u``, which is scan corner
@@ -148,47 +149,102 @@ class _Writer:
         a, b, xoff, d, e, yoff = self.transform
         polygon = shapely.simplify(polygon, 0.0)  # drop collinear vertices left by unions
         polygon = shapely.affinity.affine_transform(polygon, [a, b, d, e, xoff, yoff])
-        feature = {"type": "Feature", "geometry": shapely.geometry.mapping(polygon),
-                   "properties": {"objectType": "annotation", "isLocked": False,
-                                  "classification": {"name": self.names[c],
-                                                     "color": list(class_colour(c))}}}
-        self.fh.write(("" if self.first else ",\n") + json.dumps(feature))
+        properties = {"objectType": "annotation", "isLocked": False,
+                      "classification": {"name": self.names[c], "color": list(class_colour(c))}}
+        # GEOS writes the geometry's JSON itself: no Python tuple per vertex (a region that
+        # spans the slide has millions)
+        self.fh.write(("" if self.first else ",\n") + '{"type": "Feature", "geometry": '
+                      + shapely.to_geojson(polygon) + ', "properties": '
+                      + json.dumps(properties) + "}")
         self.first = False
         self.counts[self.names[c]] += 1
+
+
+class _Seams:
+    """The open regions of one class: pieces that touch a seam, grouped with a union-find
+    where two pieces sharing a boundary segment (4-connectivity; a shared corner is not
+    enough) are one region. A region is united once, when it is closed, so the cost is
+    ``O(n log n)`` in its vertices however many block rows it spans."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[int, Any] = {}
+        self.parent: dict[int, int] = {}
+        self.front: list[int] = []  # pieces on the bottom edge of the last block row
+        self.next_id = 0
+
+    def add(self, piece: Any) -> int:
+        self.pieces[self.next_id] = piece
+        self.parent[self.next_id] = self.next_id
+        self.next_id += 1
+        return self.next_id - 1
+
+    def root(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, row: list[int]) -> None:
+        """Group this row's pieces with each other and with the front above them."""
+        import shapely
+
+        ids = self.front + row
+        if len(row) == 0 or len(ids) < 2:
+            return
+        geoms = np.array([self.pieces[i] for i in ids], dtype=object)
+        a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+        keep = (a < b) & (b >= len(self.front))  # pairs with a piece of this row
+        a, b = a[keep], b[keep]
+        shared = shapely.length(shapely.intersection(geoms[a], geoms[b])) > 0
+        for i, j in zip(a[shared], b[shared], strict=True):
+            ri, rj = self.root(ids[i]), self.root(ids[j])
+            if ri != rj:
+                self.parent[rj] = ri
+
+    def close(self, front: list[int]) -> Iterator[Any]:
+        """Make ``front`` the new front; yield the regions with no piece on it (united)."""
+        import shapely
+
+        self.front = front
+        open_roots = {self.root(i) for i in front}
+        closed: dict[int, list[int]] = {}
+        for i in self.pieces:
+            r = self.root(i)
+            if r not in open_roots:
+                closed.setdefault(r, []).append(i)
+        for members in closed.values():
+            geom = shapely.union_all([self.pieces[i] for i in members])
+            for i in members:
+                del self.pieces[i], self.parent[i]
+            yield from _polygons(geom)
 
 
 def _vectorise(array: Any, scale: float, classes: list[int], threshold: float | None,
                block: int, emit: _Writer) -> None:
     """Vectorise ``array`` ``(C, H, W)`` block row by block row, merging across seams."""
-    import shapely
-
     _, height, width = array.shape
-    front: dict[int, list[Any]] = {c: [] for c in classes}
+    seams = {c: _Seams() for c in classes}
     for y0, y1 in _blocks(height, block):
-        seam: dict[int, list[Any]] = {c: [] for c in classes}
+        row: dict[int, list[int]] = {c: [] for c in classes}
+        bottom: dict[int, list[int]] = {c: [] for c in classes}
         for x0, x1 in _blocks(width, block):
             data = np.asarray(array[:, y0:y1, x0:x1], dtype=np.float32) / scale
             for c, mask in _class_masks(data, classes, threshold):
                 for piece in _pieces(mask, y0, x0):
                     minx, miny, maxx, maxy = piece.bounds
+                    on_bottom = maxy == y1 and y1 < height
                     if ((minx == x0 and x0 > 0) or (maxx == x1 and x1 < width)
-                            or (miny == y0 and y0 > 0) or (maxy == y1 and y1 < height)):
-                        seam[c].append(piece)
+                            or (miny == y0 and y0 > 0) or on_bottom):
+                        i = seams[c].add(piece)
+                        row[c].append(i)
+                        if on_bottom:
+                            bottom[c].append(i)  # may continue in the next block row
                     else:
                         emit(c, piece)
         for c in classes:
-            group = front[c] + seam[c]
-            front[c] = []
-            if not group:
-                continue
-            for polygon in _polygons(shapely.union_all(group)):
-                if y1 < height and polygon.bounds[3] == y1:
-                    front[c].append(polygon)  # may continue in the next block row
-                else:
-                    emit(c, polygon)
-    for c in classes:
-        for polygon in front[c]:
-            emit(c, polygon)
+            seams[c].join(row[c])
+            for polygon in seams[c].close(bottom[c]):
+                emit(c, polygon)
 
 
 def export_geojson(heatmap: str | os.PathLike, out: str | os.PathLike, *,
