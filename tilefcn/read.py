@@ -3,19 +3,14 @@
 Sources: TIFF-family files (OME-TIFF, SVS / generic pyramidal TIFF, tiled or striped TIFF,
 GeoTIFF), zarr / OME-Zarr stores, numpy, zarr and dask arrays. Files are read window by window
 through ``tifffile`` → zarr; nothing reads the whole image, not even for metadata. The window
-readers are picklable: they reopen the file by path in each worker process (a tifffile zarr
-store cannot be pickled) and cache the open handle per process.
+readers (:mod:`tilefcn.readers`) are picklable: they reopen the file by path in each worker
+process (a tifffile zarr store cannot be pickled) and cache the open handle per process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
-import threading
-import weakref
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +22,21 @@ import zarr
 from dask.base import tokenize
 
 from tilefcn import scanmeta
+from tilefcn.readers import (
+    ArrayReader,
+    TiffLevelReader,
+    axes_letters,
+    cannot_read,
+    quiet_tifffile,
+    tiff_axes,
+)
 from tilefcn.resample import at_resolution
-from tilefcn.tiffwindows import TileWindows
 
 __all__ = ["ArrayReader", "Scan", "ScanInfo", "TiffLevelReader", "open_scan", "thumbnail",
            "tiff_description"]
 
 CHUNK = 2048
+
 
 @dataclass(frozen=True, slots=True)
 class ScanInfo:
@@ -70,177 +73,7 @@ class Scan:
     reader: Any | None
 
 
-# --------------------------------------------------------------------------- window readers
-
-
-def _take(arr: Any, axes: str, ky: slice, kx: slice) -> np.ndarray:
-    """Read window ``(ky, kx)`` of ``arr`` (axes y, x, c; others have size 1) as (h, w, C)."""
-    idx = tuple(ky if a == "y" else kx if a == "x" else slice(None) if a == "c" else 0
-                for a in axes)
-    out = np.asarray(arr[idx])
-    kept = [a for a in axes if a in "yxc"]
-    if "c" not in kept:
-        out, kept = out[..., None], [*kept, "c"]
-    return np.ascontiguousarray(out.transpose([kept.index(a) for a in "yxc"]))
-
-
-class _Open:
-    """An opened level: array and axes; ``closer`` runs when the last reference goes."""
-
-    __slots__ = ("array", "axes", "windows", "__weakref__")
-
-    def __init__(self, array: Any, axes: str, closer: Any = None, windows: Any = None) -> None:
-        self.array, self.axes, self.windows = array, axes, windows
-        if closer is not None:
-            weakref.finalize(self, closer)
-
-
-_CACHE: dict[tuple, _Open] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def _cached(key: tuple, opener: Any) -> _Open:
-    """Per-process cache of opened TIFF levels (the 8 most recent keys)."""
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-    value = opener()
-    with _CACHE_LOCK:
-        value = _CACHE.setdefault(key, value)
-        while len(_CACHE) > 8:
-            _CACHE.pop(next(iter(_CACHE)))
-    return value
-
-
-class ArrayReader:
-    """Picklable (Y, X, C) window reader over a numpy or zarr array with axes ``axes``.
-
-    ``reader[slice_y, slice_x]`` (optionally ``, slice_c``) returns an (h, w, C) ndarray.
-    """
-
-    ndim = 3
-
-    def __init__(self, array: Any, axes: str) -> None:
-        self.array, self.axes = array, axes
-        self._setup(array)
-
-    def _setup(self, array: Any) -> None:
-        shape = dict(zip(self.axes, array.shape, strict=True))
-        self.shape = (int(shape["y"]), int(shape["x"]), int(shape.get("c", 1)))
-        self.dtype = np.dtype(array.dtype)
-
-    def _array(self) -> Any:
-        return self.array
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = (key if isinstance(key, tuple) else (key,)) + (slice(None),) * 2
-        if not all(isinstance(k, slice) for k in key[:3]) or len(key) > 5:
-            raise IndexError(f"{type(self).__name__} takes (slice_y, slice_x[, slice_c])")
-        return _take(self._array(), self.axes, key[0], key[1])[:, :, key[2]]
-
-    def __dask_tokenize__(self) -> Any:
-        return ("ArrayReader", self.axes, tokenize(self.array))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
-
-
-class TiffLevelReader(ArrayReader):
-    """Window reader for one level of one series of a TIFF file, reopened by path.
-
-    Pickles without its open file; each process opens the file once (cached by path, mtime,
-    series and level) and reads only the tiles a window touches, through tifffile's zarr store.
-    """
-
-    def __init__(self, path: str | os.PathLike, series: int = 0, level: int = 0) -> None:
-        self.path, self.series, self.level = os.fspath(path), int(series), int(level)
-        self.mtime = os.stat(self.path).st_mtime_ns
-        self.axes = self._handle().axes
-        self._setup(self._array())
-
-    def _handle(self) -> _Open:
-        handle = self.__dict__.get("_h")
-        if handle is None:
-            handle = self._h = _cached(self.__dask_tokenize__(), self._open)
-        return handle
-
-    def _array(self) -> Any:
-        return self._handle().array
-
-    def _open(self) -> _Open:
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(f"no such file: {self.path}")
-        if os.stat(self.path).st_mtime_ns != self.mtime:  # new offsets: refuse to misread
-            raise ValueError(f"cannot read {self.path}: file changed since it was opened")
-        try:
-            with _quiet_tifffile():
-                tif = tifffile.TiffFile(self.path)
-            try:
-                level = tif.series[self.series].levels[self.level]
-                axes = _tiff_axes(level, self.path)
-                store = tif.aszarr(series=self.series, level=self.level)
-                windows = TileWindows(level.pages[0]) if TileWindows.supports(level) else None
-                return _Open(zarr.open_array(store, mode="r", zarr_format=2), axes, tif.close,
-                             windows)
-            except BaseException:
-                tif.close()
-                raise
-        except Exception as exc:
-            raise _cannot(self.path, exc) from exc
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        windows = self._handle().windows  # tiles decoded in this thread: reads scale
-        if windows is not None and isinstance(key, tuple) and len(key) in (2, 3) and all(
-                isinstance(k, slice) and k.step in (None, 1) for k in key[:2]):
-            try:
-                out = windows.read(key[0], key[1])
-            except Exception as exc:  # a corrupt tile, table or file: one clear error
-                raise _cannot(self.path, exc) from exc
-            return out if len(key) == 2 else out[:, :, key[2]]
-        try:
-            return super().__getitem__(key)
-        except (IndexError, OSError, ValueError):
-            raise
-        except Exception as exc:  # decoder errors of a corrupt tile
-            raise _cannot(self.path, exc) from exc
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_h"}
-
-    def __dask_tokenize__(self) -> Any:
-        return ("tiff", self.path, self.mtime, self.series, self.level)
-
-
-def _cannot(path: str, exc: BaseException) -> ValueError:
-    """``ValueError("cannot read <path>: <first line of the reason>")``."""
-    if str(exc).startswith("cannot read"):
-        return exc if isinstance(exc, ValueError) else ValueError(str(exc))
-    lines = str(exc).strip().splitlines()
-    return ValueError(f"cannot read {path}: {lines[0] if lines else type(exc).__name__}")
-
-
 # --------------------------------------------------------------------------- TIFF files
-
-
-@contextlib.contextmanager
-def _quiet_tifffile() -> Iterator[None]:
-    """Silence tifffile's logged warnings about corrupt tags while opening a file."""
-    log = logging.getLogger("tifffile")
-    drop = logging.Filter("\0")  # matches no logger name: drops every record
-    log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
-
-
-def _tiff_axes(series: Any, path: str) -> str:
-    """Letters y, x, c, o for the axes of a (squeezed) tifffile series: YX, YXC or CYX."""
-    names = [a.lower() if a in "YX" else "c" if n > 1 else "o"
-             for a, n in zip(series.axes, series.shape, strict=True)]
-    if names.count("c") > 1:
-        raise ValueError(f"cannot read {path}: unsupported axes {series.axes!r} {series.shape}")
-    return _axes_letters(names, series.shape, path)
 
 
 def _check_extent(series: Any, path: str) -> None:
@@ -254,13 +87,13 @@ def _check_extent(series: Any, path: str) -> None:
 
 def _tiff_meta(path: str) -> dict[str, Any]:
     """Levels, pixel size, georeference and native tiles of series 0 (metadata only)."""
-    with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+    with quiet_tifffile(), tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise ValueError("no image series")
         series = tif.series[0]
         yx, tiles = [], []
         for lv in series.levels:
-            axes = _tiff_axes(lv, path)
+            axes = tiff_axes(lv, path)
             yx.append((lv.shape[axes.index("y")], lv.shape[axes.index("x")]))
             key = lv.keyframe
             tiles.append((key.tilelength, key.tilewidth) if key.is_tiled
@@ -281,7 +114,7 @@ def _open_tiff(path: str, level: int | None, mpp: float | None, chunk: int) -> S
     try:
         meta = _tiff_meta(path)
     except Exception as exc:
-        raise _cannot(path, exc) from exc
+        raise cannot_read(path, exc) from exc
     yx = meta["yx"]
     if max(y * x for y, x in yx) > MAX_PIXELS:
         y, x = max(yx, key=lambda v: v[0] * v[1])
@@ -310,10 +143,10 @@ def _open_zarr_path(path: str, level: int | None, mpp: float | None, chunk: int)
             axes_md = ms[0].get("axes", list("tczyx"))
             names = [a["name"] if isinstance(a, dict) else a for a in axes_md]
             units = [a.get("unit") if isinstance(a, dict) else None for a in axes_md]
-            axes = _axes_letters(names, arrays[0].shape, path)
+            axes = axes_letters(names, arrays[0].shape, path)
             mpps = [scanmeta.ngff_mpp(d, names, units) for d in ms[0]["datasets"]]
     except Exception as exc:
-        raise _cannot(path, exc) from exc
+        raise cannot_read(path, exc) from exc
     yx = [(a.shape[axes.index("y")], a.shape[axes.index("x")]) for a in arrays]
     mpps = [None] * len(mpps) if None in mpps else mpps
     chosen = scanmeta.select_level(path, yx, mpps, level, mpp)
@@ -323,20 +156,10 @@ def _open_zarr_path(path: str, level: int | None, mpp: float | None, chunk: int)
     return _make_scan(path, reader, chosen, yx, mpps, tile, None, None, chunk)
 
 
-def _axes_letters(names: Any, shape: tuple[int, ...], where: str) -> str:
-    """Axis names → letters y, x, c, or o (another axis, which must have size 1)."""
-    names = [str(n).lower() for n in names]
-    out = "".join(n if n in ("y", "x", "c") else "o" for n in names)
-    if len(names) != len(shape) or "y" not in out or "x" not in out or any(
-            a == "o" and n > 1 for a, n in zip(out, shape, strict=True)):
-        raise ValueError(f"cannot read {where}: unsupported axes {names} for shape {shape}")
-    return out
-
-
 def _array_axes(arr: Any, where: str) -> str:
     names = getattr(getattr(arr, "metadata", None), "dimension_names", None)
     if names and all(names):
-        return _axes_letters(names, arr.shape, where)
+        return axes_letters(names, arr.shape, where)
     if arr.ndim not in (2, 3):
         raise ValueError(f"expected a (Y, X) or (Y, X, C) array, got shape {tuple(arr.shape)}")
     return "yxc"[: arr.ndim]
@@ -448,7 +271,7 @@ def thumbnail(scan: Scan, max_side: int) -> np.ndarray:
 def tiff_description(path: str | os.PathLike) -> str | None:
     """ImageDescription of the first page of a TIFF file (None if absent or unreadable)."""
     try:
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tif:
             return tif.pages.first.description or None
     except Exception:
         return None
