@@ -44,6 +44,11 @@ class TorchRunner:
     module: nn.Module
     name: str = "torch"
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the module takes channels_last memory (so inputs arrive laid out so)."""
+        return self.name != "torch"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if self.name == "torch":

@@ -58,7 +58,8 @@ class Engine:
     def _prepare(self, stack: np.ndarray) -> torch.Tensor:
         """Raw ``(B, h, w, C)`` pixels → scaled float32 ``(B, C, h, w)`` on the device."""
         if stack.dtype.type in _TORCH_DTYPES:
-            return scale_tensor(self.lane.upload(stack), stack.dtype, self.model.scaling)
+            return scale_tensor(self.lane.upload(stack), stack.dtype, self.model.scaling,
+                                channels_last=getattr(self.runner, "channels_last", False))
         x = np.ascontiguousarray(scale_input(stack, self.model.scaling).transpose(0, 3, 1, 2))
         return self.lane.upload(x)
 
@@ -108,7 +109,8 @@ class Engine:
         lane, pending = self.lane, []
         with lane.stream(), autocast(self.device, self.precision):
             for items in self._batches(plan.kept()):
-                stack = np.stack([window[sy.read, sx.read] for sy, sx in items])
+                stack = (window[items[0][0].read, items[0][1].read][None] if len(items) == 1
+                         else np.stack([window[sy.read, sx.read] for sy, sx in items]))
                 result = self.runner(self._prepare(stack))
                 for k, (sy, sx) in enumerate(items):
                     block = result[k, :, sy.crop, sx.crop]

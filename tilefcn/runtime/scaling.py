@@ -33,14 +33,26 @@ def scale_input(window: np.ndarray, scaling: Scaling) -> np.ndarray:
     return x
 
 
-def scale_tensor(batch: torch.Tensor, dtype: np.dtype, scaling: Scaling) -> torch.Tensor:
-    """``(B, h, w, C)`` raw pixels (of numpy ``dtype``) → float32 ``(B, C, h, w)``, scaled."""
-    x = batch.to(torch.float32)
+def scale_tensor(batch: torch.Tensor, dtype: np.dtype, scaling: Scaling, *,
+                 channels_last: bool = False) -> torch.Tensor:
+    """``(B, h, w, C)`` raw pixels (of numpy ``dtype``) → float32 ``(B, C, h, w)``, scaled.
+
+    One pass converts and lays the pixels out (NCHW-contiguous, or with ``channels_last``
+    the ``(B, h, w, C)`` memory seen as ``(B, C, h, w)``: what the runner consumes, so it
+    copies nothing); the scaling then runs in place, in :func:`scale_input`'s order.
+    """
+    if channels_last:
+        x = batch.to(torch.float32).permute(0, 3, 1, 2)
+    else:
+        b, h, w, c = batch.shape
+        x = torch.empty((b, c, h, w), dtype=torch.float32, device=batch.device)
+        x.copy_(batch.permute(0, 3, 1, 2))
+    channels = (1, x.shape[1], 1, 1)
     divisor = _divisor(np.dtype(dtype), scaling)
     if divisor is not None:
-        x = x / torch.tensor(divisor, dtype=torch.float32, device=x.device)
+        x.div_(torch.tensor(divisor, dtype=torch.float32, device=x.device))
     if scaling.mean is not None:
-        x = x - torch.tensor(scaling.mean, dtype=torch.float32, device=x.device)
+        x.sub_(torch.tensor(scaling.mean, dtype=torch.float32, device=x.device).view(channels))
     if scaling.std is not None:
-        x = x / torch.tensor(scaling.std, dtype=torch.float32, device=x.device)
-    return x.permute(0, 3, 1, 2)
+        x.div_(torch.tensor(scaling.std, dtype=torch.float32, device=x.device).view(channels))
+    return x
