@@ -36,6 +36,7 @@ from tilefcn.write import (
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
+    open_for_writing,
     written_chunks,
 )
 
@@ -151,8 +152,7 @@ def _zarr_graph(prediction: Prediction, out: Path, array: Any, dtype: str, skip:
     half = chunks[0] % 2 == 0 and chunks[1] % 2 == 0  # level 1 written with level 0
     levels = plan_levels(array.shape, chunks, half_first=half)
     create_levels(out, levels, dtype)
-    level1 = (zarr.open_array(out, path="1", mode="r+", zarr_format=3)
-              if half and levels else None)
+    level1 = open_for_writing(out, "1") if half and levels else None
     sink_d = dask.delayed(ZarrSink(array, dtype, level1), name=f"{name}-sink", traverse=False)
     todo = prediction.plan.grid[0] * prediction.plan.grid[1] - len(skip)
     layer, writer = prediction.write_layer(sink_d.key, skip, _group_size(todo, workers), name)

@@ -78,16 +78,19 @@ def source_range(y0: int, extent: int, src_chunk: int, src_grid: int) -> range:
 def _mean2x2(block: np.ndarray) -> np.ndarray:
     """NaN-aware 2×2 mean (float32) of a (C, h, w) block; odd edges average what exists.
 
-    The common case (no NaN in a quad) is four strided float32 adds (measured 10 ms for
-    2 × 2048², against 30 ms for torch's ``avg_pool2d``); blocks with NaN (masked tiles, odd
+    The common case (no NaN in a quad) is four strided adds into one float32 array, a
+    float16 block converted on the fly (measured 11 ms for float32 2 × 2048², 17 ms for
+    float16, against 30 ms for torch's ``avg_pool2d``); blocks with NaN (masked tiles, odd
     edges) take the counting path.
     """
-    x = block.astype(np.float32, copy=False)
-    if x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
-        total = x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]
+    if block.shape[1] % 2 == 0 and block.shape[2] % 2 == 0:
+        total = np.add(block[:, 0::2, 0::2], block[:, 1::2, 0::2], dtype=np.float32)
+        total += block[:, 0::2, 1::2]
+        total += block[:, 1::2, 1::2]
         if not np.isnan(total).any():
-            return total * np.float32(0.25)
-    return _nanmean2x2(x)
+            total *= np.float32(0.25)
+            return total
+    return _nanmean2x2(block.astype(np.float32, copy=False))
 
 
 def _nanmean2x2(x: np.ndarray) -> np.ndarray:
@@ -136,8 +139,10 @@ def reduce_chunk(path: str, level: int, y0: int, x0: int, cy: int, cx: int, dtyp
                  *deps: Any) -> int:
     """Write the level-``level`` chunk at ``(y0, x0)`` (size ≤ ``(cy, cx)``) from level-1's
     ``2cy × 2cx`` region under it; returns 1. ``deps`` are ignored (task ordering only)."""
+    from tilefcn.write import open_for_writing  # write imports this module
+
     src = zarr.open_array(path, path=str(level - 1), mode="r", zarr_format=3)
-    dst = zarr.open_array(path, path=str(level), mode="r+", zarr_format=3)
+    dst = open_for_writing(path, str(level))
     block = np.asarray(src[:, 2 * y0:2 * (y0 + cy), 2 * x0:2 * (x0 + cx)])
     out = _cast(_mean2x2(block), dtype)
     dst[:, y0:y0 + out.shape[1], x0:x0 + out.shape[2]] = out
