@@ -191,6 +191,12 @@ def _missing_mask(tmp, m):
                 "--out", tmp / "h.zarr")
 
 
+def _out_under_a_file(tmp, m):
+    (tmp / "notes.txt").write_text("keep me")
+    return _run(_rgb(tmp / "s.tif"), "--model", m / GOOD_MODEL, "--out",
+                tmp / "notes.txt" / "h.zarr")
+
+
 def _unreachable_scheduler(tmp, m):
     return _run(_rgb(tmp / "s.tif"), "--model", m / GOOD_MODEL, "--scheduler",
                 "tcp://127.0.0.1:9")
@@ -254,6 +260,8 @@ CASES = {
     "--overwrite and --resume": Case(_scan_with("--overwrite", "--resume"), 2,
                                      r"give --overwrite or --resume, not both"),
     "missing --mask file": Case(_missing_mask, 2, r"no such file: .*mask\.tif"),
+    "output under a file": Case(_out_under_a_file, 2,
+                                r"cannot write .*notes\.txt/h\.zarr: .*notes\.txt is a file"),
     "unreachable scheduler": Case(_unreachable_scheduler, 1,
                                   r"cannot reach the dask scheduler"),
 }

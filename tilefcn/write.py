@@ -151,6 +151,11 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
     if resume and p.suffix.lower() in _TIFF_SUFFIXES:
         raise ValueError(f"cannot resume a GeoTIFF output: {p} (use --overwrite)")
     if not (p.exists() or p.is_symlink()):
+        folder = next((a for a in p.absolute().parents if a.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise NotADirectoryError(f"cannot write {p}: {folder} is a file, not a folder")
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write {p}: no permission to write in {folder}")
         return "new"
     if not (overwrite or resume):
         raise FileExistsError(f"output exists: {p} (use --overwrite or --resume)")
