@@ -142,6 +142,10 @@ def test_summary_and_mismatch_messages():
     assert describe_resolution(0, (0.75, 0.75), 3) == \
         "level 0 (0.75 µm/px, downsampled ×3 from 0.25)"
     assert describe_resolution(0, None) == "level 0 (pixel size unknown)"
+    assert describe_resolution(0, None, geotransform=(5e5, 10.0, 0.0, 4.6e6, 0.0, -10.0),
+                               crs="EPSG:32633") == "level 0 (10 EPSG:32633 units/px)"
+    assert describe_resolution(0, None, geotransform=(0, 3.0, 4.0, 0, -4.0, 3.0),
+                               crs="PROJCS[" + "x" * 40) == "level 0 (5 its CRS units/px)"
     assert mpp_mismatch((0.27, 0.27), 0.25, "m") is None  # 8 %: fine
     assert mpp_mismatch((0.5, 0.5), None, "m") is None and mpp_mismatch(None, 0.25, "m") is None
     message = mpp_mismatch((0.5, 0.5), 0.25, "m")

@@ -341,7 +341,8 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
         raise ValueError("--dtype uint8 cannot store the NaN of nodata outputs; use float16 "
                          "(or --nodata none)")
     info = prediction.scan.info
-    resolution = describe_resolution(info.level, info.mpp, info.factor)
+    resolution = describe_resolution(info.level, info.mpp, info.factor,
+                                     geotransform=info.geotransform, crs=info.crs)
     mismatch = mpp_mismatch(info.mpp, prediction.model.card.get("mpp"), prediction.model.name)
     if mismatch:
         (warn or _resolution_warning)(mismatch)

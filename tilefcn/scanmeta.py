@@ -179,10 +179,18 @@ class ResolutionWarning(UserWarning):
     """A scan read at a pixel size more than 10 % away from the one its model was trained at."""
 
 
-def describe_resolution(level: int, mpp: tuple[float, float] | None, factor: int = 1) -> str:
+def describe_resolution(level: int, mpp: tuple[float, float] | None, factor: int = 1, *,
+                        geotransform: tuple[float, ...] | None = None,
+                        crs: str | None = None) -> str:
     """``"level L (X µm/px[, downsampled ×k from Y])"`` for a scan read at pyramid level
-    ``level``, area-averaged by ``factor``, with µm/px ``mpp`` after that (``None``: unknown)."""
-    if mpp is None:
+    ``level``, area-averaged by ``factor``, with µm/px ``mpp`` after that; without µm/px, a
+    georeferenced scan's pixel in CRS units (``√(b² + e²)`` down, ``√(a² + d²)`` across, for
+    the GDAL geotransform ``(x0, a, b, y0, d, e)``), else "pixel size unknown"."""
+    if mpp is None and geotransform is not None:
+        _, a, b, _, d, e = geotransform[:6]
+        name = crs if crs and len(crs) <= 32 else "its CRS" if crs else "map"
+        size = f"{_size((math.hypot(b, e), math.hypot(a, d)))} {name} units/px"
+    elif mpp is None:
         size = "pixel size unknown"
     else:
         size = f"{_size(mpp)} µm/px"
