@@ -21,7 +21,8 @@ from tilefcn.sinks import ZarrSink
     (OSError(errno.ENOSPC, "No space left on device"), 1,
      "Error: no space left on device while writing; free some space, then run the same "
      "command with --resume"),
-    (KeyboardInterrupt(), 130, "Interrupted: run the same command with --resume to continue."),
+    (KeyboardInterrupt(), 130, "Interrupted: run the same command with --resume to continue "
+     "(a cohort: the same command)."),
 ])
 def test_a_failed_write_leaves_a_resumable_store(tmp_path, monkeypatch, failure, code,
                                                  message):

@@ -42,7 +42,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted: run the same command with --resume to continue.", err=True)
+            click.echo("Interrupted: run the same command with --resume to continue (a "
+                       "cohort: the same command).", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that reports all failures
             _traceback_if_debug(ctx)

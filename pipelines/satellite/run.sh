@@ -8,7 +8,8 @@
 # on the scene; --mask auto skips tiles that are only nodata (their outputs are NaN), and the
 # heatmap is written as a COG: the scene's CRS and geotransform, one band per class,
 # overviews, NaN nodata. Extra arguments for `tilefcn run` go in TILEFCN_ARGS (e.g.
-# "--bands 4,3,2,8" for a Sentinel-2 stack, "--nodata 0", "--dtype uint8", "--workers 8").
+# "--bands 4,3,2,8" for a Sentinel-2 stack, "--nodata 0", "--workers 8"; not "--dtype uint8",
+# which has no NaN for the masked outputs).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${WORK:-./satellite-demo}"
