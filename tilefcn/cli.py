@@ -320,7 +320,10 @@ def _describe(target: str) -> dict:
     if is_model:
         from tilefcn.modelio import load_model
 
-        return {"kind": "model", **load_model(target).describe()}
+        model = load_model(target)
+        trained = {k: model.card[k] for k in ("mpp", "augmentation", "val_accuracy", "created")
+                   if k in model.card}  # the model card's headline (all of it: model.json)
+        return {"kind": "model", **model.describe(), **({"trained": trained} if trained else {})}
     from tilefcn.read import open_scan
 
     if not path.exists():
