@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tilefcn import __version__
+from tilefcn.progress import TileProgress
 
 if TYPE_CHECKING:
     from tilefcn.job import RunSummary
@@ -79,34 +79,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     Start with `tilefcn demo`; then `tilefcn run SLIDE.tiff`.
     """
     ctx.ensure_object(dict)["debug"] = debug
-
-
-class _Bar:
-    """tqdm progress: tiles done/total, input MP/s, ETA."""
-
-    def __init__(self, megapixels: float, enabled: bool) -> None:
-        self.megapixels, self.enabled, self.bar, self.start = megapixels, enabled, None, 0.0
-        self.first = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="tile", file=sys.stderr,
-                            dynamic_ncols=True, desc="tiles")
-            self.start, self.first = time.perf_counter(), done
-            return
-        self.bar.update(done - self.bar.n)
-        elapsed = time.perf_counter() - self.start
-        if elapsed > 0:
-            rate = self.megapixels * (done - self.first) / total / elapsed
-            self.bar.set_postfix_str(f"{rate:.1f} MP/s", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @main.command()
@@ -247,7 +219,7 @@ def _run_one(image: Path, model: str, out: Path | None, tile: int | None, sub_ti
                    f"default (256 on CPU)", err=True)
     scan = open_scan(image, level=level, mpp=mpp)  # a missing file: one-line error, exit 2
     png = _preview_path(preview, out, scan, overwrite or resume or skip_complete)
-    bar = _Bar(scan.info.shape[0] * scan.info.shape[1] / 1e6, not quiet)
+    bar = TileProgress(scan.info.shape[0] * scan.info.shape[1] / 1e6, not quiet)
     try:
         summary = run_scan(scan, model, out, tile=tile, device=device,
                            workers=workers, scheduler=scheduler, gpus=gpus,
@@ -371,7 +343,7 @@ def demo(out_dir: Path, size: int, seed: int, quiet: bool) -> None:
     from tilefcn.demo import run_demo
 
     click.echo(f"Generating a {size}x{size} synthetic slide in {out_dir}/ ...")
-    bar = _Bar(size * size / 1e6, not quiet)
+    bar = TileProgress(size * size / 1e6, not quiet)
     try:
         result = run_demo(out_dir, size=size, seed=seed, progress=bar)
     finally:
