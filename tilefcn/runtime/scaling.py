@@ -42,7 +42,7 @@ def scale_tensor(batch: torch.Tensor, dtype: np.dtype, scaling: Scaling, *,
     copies nothing); the scaling then runs in place, in :func:`scale_input`'s order.
     """
     if channels_last:
-        x = batch.to(torch.float32).permute(0, 3, 1, 2)
+        x = batch.to(torch.float32, copy=True).permute(0, 3, 1, 2)  # never the caller's
     else:
         b, h, w, c = batch.shape
         x = torch.empty((b, c, h, w), dtype=torch.float32, device=batch.device)
