@@ -6,6 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tilefcn.modelio import Model
+from tilefcn.runtime.scaling import scale_input
+
 
 def _seeded(build):
     def make(in_channels: int, classes: int = 2) -> nn.Module:
@@ -75,15 +78,21 @@ def upsampling(c: int, k: int) -> nn.Module:
 ZOO = [padded, unpadded, strided, dilated, convolutionalized, upsampling]
 
 
-def whole_image_output(model: nn.Module, image: np.ndarray) -> np.ndarray:
-    """The reference: the model on the whole image at once, input scaled per DESIGN §4."""
-    x = image.astype(np.float32)
-    if np.issubdtype(image.dtype, np.integer):
-        x /= np.iinfo(image.dtype).max
-    if x.ndim == 2:
-        x = x[..., None]
+def whole_image_output(model: nn.Module | Model, image: np.ndarray) -> np.ndarray:
+    """The reference: the model on the whole image at once, input scaled per DESIGN §4 (an
+    ``nn.Module``), or by its own mean/std (a loaded :class:`~tilefcn.modelio.Model`, e.g. a
+    bundled one: the formula its training used)."""
+    if isinstance(model, Model):
+        x, module = scale_input(image if image.ndim == 3 else image[..., None],
+                                model.scaling), model.module
+    else:
+        x, module = image.astype(np.float32), model
+        if np.issubdtype(image.dtype, np.integer):
+            x /= np.iinfo(image.dtype).max
+        if x.ndim == 2:
+            x = x[..., None]
     with torch.inference_mode():
-        return model(torch.from_numpy(x).permute(2, 0, 1)[None].contiguous())[0].numpy()
+        return module(torch.from_numpy(x).permute(2, 0, 1)[None].contiguous())[0].numpy()
 
 
 def random_image(rng: np.random.Generator, shape: tuple[int, int], channels: int,

@@ -5,38 +5,27 @@ regions rasterise back to the argmax of the heatmap."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import shapely.geometry
 import zarr
 from affine import Affine
+from models_zoo import whole_image_output
 from rasterio.features import rasterize
+from recipes import run_recipe
 from scipy import ndimage
 
 from tilefcn.regions import pixel_transform
 
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "medical" / "run.sh"
-
 
 def test_recipe_writes_heatmap_preview_and_qupath_regions(tmp_path) -> None:
     import tifffile
-    import torch
 
     from tilefcn.modelio import load_model
-    from tilefcn.runtime.scaling import scale_input
 
-    env = {**os.environ, "WORK": str(tmp_path), "SIZE": "512",
-           "TILEFCN_ARGS": "--tile 128 --workers 2 -q",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", str(RECIPE)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
+    lines = run_recipe("medical", tmp_path)
     regions = tmp_path / "slide.regions.geojson"
-    assert done.stdout.strip().splitlines()[-1] == str(regions)
+    assert lines[-1] == str(regions)
     assert (tmp_path / "slide.heatmap.preview.png").is_file()
 
     group = zarr.open_group(str(tmp_path / "slide.heatmap.zarr"), mode="r")
@@ -45,9 +34,7 @@ def test_recipe_writes_heatmap_preview_and_qupath_regions(tmp_path) -> None:
     heat = group["0"][:]
     model = load_model("tissue")
     image = tifffile.imread(tmp_path / "slide.ome.tif", level=0)
-    x = torch.from_numpy(scale_input(image, model.scaling)).permute(2, 0, 1)[None]
-    with torch.inference_mode():
-        whole = model.module(x.contiguous())[0].numpy()
+    whole = whole_image_output(model, image)
     nan = np.isnan(heat)
     assert whole.shape == heat.shape and nan.any() and not nan.all()
     np.testing.assert_allclose(heat[~nan], whole[~nan], rtol=0, atol=1e-5)
