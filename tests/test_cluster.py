@@ -2,73 +2,30 @@
 `dask worker` (2 processes) started on 127.0.0.1 by the test, stopped by it, time-bounded."""
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner
+from dask_processes import start_cluster, stop
 from models_zoo import dilated, random_image, whole_image_output
 
 from tilefcn import cluster as tilefcn_cluster
 from tilefcn.cli import main
 from tilefcn.modelio import load_model, save_exported
 
-START_TIMEOUT = 60.0
-
-
-def _dask_command(*args: str) -> list[str]:
-    exe = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
-    if exe is None:
-        pytest.fail("the `dask` command (installed with dask[distributed]) is missing")
-    return [exe, *args]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
 
 @pytest.fixture()
 def cluster(tmp_path):
     """A scheduler and 2 single-threaded worker processes on 127.0.0.1; yields the address."""
-    from distributed import Client
-
-    info = tmp_path / "scheduler.json"
-    procs = []
+    info, procs = tmp_path / "scheduler.json", []
     try:
-        procs.append(subprocess.Popen(
-            _dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                          "--scheduler-file", str(info)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        deadline = time.monotonic() + START_TIMEOUT
-        while not info.exists() or not info.read_text().strip():
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                pytest.fail("dask scheduler did not start")
-            time.sleep(0.2)
-        address = json.loads(info.read_text())["address"]
-        procs.append(subprocess.Popen(
-            _dask_command("worker", address, "--nworkers", "2", "--nthreads", "1",
-                          "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GB"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=START_TIMEOUT)
-        yield address
+        start_cluster(info, procs)
+        yield json.loads(info.read_text())["address"]
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
 
 
 def test_cli_run_on_a_real_cluster_equals_whole_image(cluster, tmp_path):

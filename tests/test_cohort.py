@@ -20,8 +20,8 @@ import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner
+from dask_processes import start_cluster, stop
 from models_zoo import dilated, random_image, whole_image_output
-from test_cluster import START_TIMEOUT, _dask_command, _stop
 
 from tilefcn.cli import main
 from tilefcn.cohort import ScanJob, ScanResult, expand_inputs, run_cohort, write_summary
@@ -235,43 +235,17 @@ def test_cohort_refuses_out_and_keeps_a_foreign_output(tmp_path, model_file):
 # --- a real cluster ----------------------------------------------------------------------
 
 
-def _start_cluster(info: Path, procs: list, wait: bool = True) -> None:
-    """Start a `dask scheduler` writing ``info`` and a `dask worker` of 2 single-threaded
-    processes (nannies) on 127.0.0.1, appended to ``procs``; wait (bounded) for the scheduler
-    and, with ``wait``, for both workers."""
-    from distributed import Client
-
-    procs.append(subprocess.Popen(
-            _dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                          "--scheduler-file", str(info)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-    deadline = time.monotonic() + START_TIMEOUT
-    while not info.exists() or not info.read_text().strip():
-        if time.monotonic() > deadline or procs[-1].poll() is not None:
-            pytest.fail("dask scheduler did not start")
-        time.sleep(0.2)
-    procs.append(subprocess.Popen(
-        _dask_command("worker", "--scheduler-file", str(info), "--nworkers", "2",
-                      "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
-                      "--memory-limit", "2GB"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-    if not wait:
-        return
-    with Client(scheduler_file=str(info), timeout="30s") as client:
-        client.wait_for_workers(2, timeout=START_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def scheduler_file(tmp_path_factory):
     """A scheduler and 2 worker processes shared by this module's cluster tests; yields the
     scheduler file. Everything is stopped in teardown."""
     info, procs = tmp_path_factory.mktemp("cluster") / "scheduler.json", []
     try:
-        _start_cluster(info, procs)
+        start_cluster(info, procs)
         yield info
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
 
 
 def _worker_tasks(info: Path) -> dict[str, int]:
@@ -402,7 +376,7 @@ def test_scheduler_lost_mid_run_is_one_line_and_the_same_command_resumes(tmp_pat
     images = _cohort(tmp_path / "scans", [(320, 256), (288, 256)], seed=3)
     info, out, procs = tmp_path / "scheduler.json", tmp_path / "out", []
     try:
-        _start_cluster(info, procs, wait=False)  # workers start while the CLI imports
+        start_cluster(info, procs, wait=False)  # workers start while the CLI imports
         proc = subprocess.Popen(  # a real console process: its stderr is what users see
             [sys.executable, "-m", "tilefcn",
              *_run_args(tmp_path / "scans", model_file, out, info)],
@@ -419,11 +393,11 @@ def test_scheduler_lost_mid_run_is_one_line_and_the_same_command_resumes(tmp_pat
         procs[1].wait(timeout=10)                # close to wait for
         info.unlink()
         procs.clear()
-        _start_cluster(info, procs)  # a new scheduler writes the same scheduler file
+        start_cluster(info, procs)  # a new scheduler writes the same scheduler file
         result = _CliThread(_run_args(tmp_path / "scans", model_file, out, info)).join()
         assert result.exit_code == 0, result.output
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
     assert "resumed" in {r["status"] for r in _rows(out).values()}
     _assert_outputs(out, images)
