@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -16,7 +15,6 @@ from tilefcn.write import (
     check_output,
     create_ome_zarr,
     finish_ome_zarr,
-    write_preview_png,
     written_chunks,
 )
 
@@ -137,20 +135,3 @@ def test_check_output_refusals(tmp_path) -> None:
         check_output(tmp_path / "new.tif", resume=True)
     with pytest.raises(FileExistsError):
         _store(out)
-
-
-def test_preview_png(tmp_path) -> None:
-    heat = RNG.random((3, 20, 30)).astype(np.float32)
-    heat[:, :2, :3] = np.nan
-    background = RNG.integers(0, 256, (41, 59, 3), dtype=np.uint8)
-    path = tmp_path / "p.png"
-    write_preview_png(path, heat, background=background, classes=["a", "b", "c"])
-    rgba = imagecodecs.png_decode(path.read_bytes())
-    assert rgba.shape == (20, 30, 4) and rgba.dtype == np.uint8 and (rgba[..., 3] == 255).all()
-    write_preview_png(path, heat, background=None, classes=["a", "b", "c"])
-    rgba = imagecodecs.png_decode(path.read_bytes())
-    assert (rgba[:2, :3, 3] == 0).all() and (rgba[2:, :, 3] == 255).all()
-    write_preview_png(path, heat[:1], classes=["tumour"])
-    assert imagecodecs.png_decode(path.read_bytes()).shape == (20, 30, 4)
-    with pytest.raises(ValueError, match="class names"):
-        write_preview_png(path, heat, classes=["a"])

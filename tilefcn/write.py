@@ -1,5 +1,5 @@
-"""Heatmap writers: OME-Zarr (NGFF 0.5, zarr v3) with a pyramid, PNG preview (GeoTIFF/COG:
-:mod:`tilefcn.cog`).
+"""Heatmap writers: OME-Zarr (NGFF 0.5, zarr v3) with a pyramid (GeoTIFF/COG:
+:mod:`tilefcn.cog`; the PNG preview: :mod:`tilefcn.preview`).
 
 Coordinate conventions (the caller computes them; these writers only store them):
 
@@ -30,7 +30,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import imagecodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
@@ -39,12 +38,12 @@ from zarr.core.sync import sync
 from tilefcn.identity import identity_mismatch
 from tilefcn.pyramid import build_pyramid
 from tilefcn.read import tiff_description
-from tilefcn.viewers import PALETTE, omero_metadata
+from tilefcn.viewers import omero_metadata
 
-__all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "PALETTE", "check_dtype", "check_output",
+__all__ = ["COMPRESSORS", "OUTPUT_DTYPES", "check_dtype", "check_output",
            "create_ome_zarr",
            "decode_scale", "encode_block", "finish_ome_zarr", "is_tilefcn_output",
-           "open_for_writing", "write_preview_png", "written_chunks"]
+           "open_for_writing", "written_chunks"]
 
 #: zarr array config for every array tilefcn writes: a written chunk is stored even when it
 #: equals the fill value, so resume can see it, and zarr skips its per-chunk fill-value
@@ -323,40 +322,3 @@ def finish_ome_zarr(path: str | os.PathLike, *, levels: int | None = None,
                                       levels + 1)
     group.attrs["ome"] = ome
     group.attrs["tilefcn"] = {**dict(group.attrs["tilefcn"]), "status": "complete"}
-
-
-def write_preview_png(path: str | os.PathLike, heatmap: np.ndarray, *,
-                      background: np.ndarray | None = None, classes: list[str]) -> None:
-    """Write an RGBA PNG: argmax class colours (:data:`PALETTE`), 50 % over ``background``.
-
-    ``heatmap`` is a small in-memory (C, h, w) array; all-NaN pixels show the background
-    (transparent without one). With one class, the colour fades from palette 0 to palette 1
-    with the value clipped to [0, 1]. ``background`` (h', w', 3) uint8 is resized by nearest
-    neighbour to (h, w).
-    """
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.ndim != 3:
-        raise ValueError(f"heatmap must be (C, h, w), got shape {heat.shape}")
-    c, h, w = heat.shape
-    if len(classes) != c:
-        raise ValueError(f"{len(classes)} class names for a heatmap with {c} channels")
-    nan = np.isnan(heat).all(axis=0)
-    if c == 1:
-        v = np.clip(np.nan_to_num(heat[0]), 0, 1)[..., None]
-        colour = (1 - v) * PALETTE[0] + v * PALETTE[1]
-    else:
-        colour = PALETTE[np.argmax(np.nan_to_num(heat, nan=-np.inf), axis=0) % len(PALETTE)]
-    rgba = np.zeros((h, w, 4), dtype=np.uint8)
-    if background is not None:
-        bg = np.asarray(background)
-        if bg.ndim != 3 or bg.shape[2] != 3:
-            raise ValueError(f"background must be (h, w, 3), got shape {bg.shape}")
-        iy = ((np.arange(h) + 0.5) * bg.shape[0] / h).astype(int)
-        ix = ((np.arange(w) + 0.5) * bg.shape[1] / w).astype(int)
-        bg = bg[iy][:, ix].astype(np.float32)
-        rgba[..., :3] = np.where(nan[..., None], bg, 0.5 * colour + 0.5 * bg).round()
-        rgba[..., 3] = 255
-    else:
-        rgba[..., :3] = np.where(nan[..., None], 0, colour).round()
-        rgba[..., 3] = np.where(nan, 0, 255)
-    Path(path).write_bytes(imagecodecs.png_encode(rgba))
