@@ -11,7 +11,7 @@ Level-``L`` chunk ``(i, j)``, origin ``(y0, x0) = (i·cy, j·cx)`` and extent ``
 rows ``a ∈ [⌊2·y0/sy⌋, min(⌈2·(y0+ey)/sy⌉, ny))`` for source chunk height ``sy`` and grid
 height ``ny`` (columns alike). It is one task depending on the tasks that write those chunks.
 
-Stored values: float32 / float16 keep the mean (computed in float64, then cast); uint8 stores
+Stored values: float32 / float16 keep the mean (computed in float32, then cast); uint8 stores
 ``round(mean)`` of the stored uint8 values (uint8 stores hold no NaN).
 """
 
@@ -78,15 +78,15 @@ def source_range(y0: int, extent: int, src_chunk: int, src_grid: int) -> range:
 def _mean2x2(block: np.ndarray) -> np.ndarray:
     """NaN-aware 2×2 mean (float32) of a (C, h, w) block; odd edges average what exists.
 
-    The common case (no NaN in a quad) is four strided adds into one float32 array, a
-    float16 block converted on the fly (measured 11 ms for float32 2 × 2048², 17 ms for
-    float16, against 30 ms for torch's ``avg_pool2d``); blocks with NaN (masked tiles, odd
-    edges) take the counting path.
+    The common case (no NaN in a quad) is ``(a₀₀ + a₁₀) + (a₀₁ + a₁₁)`` in float32: row
+    pairs added first over whole contiguous rows, then column pairs (a float16 block is
+    converted on the fly). Measured on 2 × 2048²: float32 3.9 ms (9.7 ms as four strided
+    adds, 30 ms with torch's ``avg_pool2d``), float16 14 ms (the conversion). Blocks with
+    NaN (masked tiles, odd edges) take the counting path.
     """
     if block.shape[1] % 2 == 0 and block.shape[2] % 2 == 0:
-        total = np.add(block[:, 0::2, 0::2], block[:, 1::2, 0::2], dtype=np.float32)
-        total += block[:, 0::2, 1::2]
-        total += block[:, 1::2, 1::2]
+        rows = np.add(block[:, 0::2], block[:, 1::2], dtype=np.float32)
+        total = np.add(rows[:, :, 0::2], rows[:, :, 1::2])
         if not np.isnan(total).any():
             total *= np.float32(0.25)
             return total

@@ -1,5 +1,6 @@
-"""Input scaling, one formula in two places: numpy (training, references) and torch (on the
-device, after a uint8/uint16 upload, so host → device moves 1–2 bytes a pixel, not 4).
+"""Input scaling, one formula in three places: numpy (training, references), a numpy batch
+pass for the CPU engine (:func:`scale_batch`), and torch (on the device, after a uint8/uint16
+upload, so host → device moves 1–2 bytes a pixel, not 4).
 
 ``x / divisor`` (``"dtype"``: an integer dtype's maximum, floats unchanged), then
 ``(x - mean) / std`` per channel when the model has them. Both are float32 throughout, in
@@ -31,6 +32,36 @@ def scale_input(window: np.ndarray, scaling: Scaling) -> np.ndarray:
     if scaling.std is not None:
         x /= np.asarray(scaling.std, np.float32)
     return x
+
+
+def scale_batch(batch: np.ndarray, scaling: Scaling, *,
+                channels_last: bool = False) -> np.ndarray:
+    """``(B, h, w, C)`` raw pixels → float32 ``(B, C, h, w)``, scaled: :func:`scale_tensor`
+    for the CPU, in numpy.
+
+    The conversion, the layout (NCHW-contiguous, or with ``channels_last`` the ``(B, h, w,
+    C)`` memory seen as ``(B, C, h, w)``) and the division by the divisor are one ufunc pass
+    (``np.divide`` casting to float32 into the output), where torch's ``copy_`` + ``div_`` is
+    two; mean and std then run in place. Same float32 operations in the same order as
+    :func:`scale_input`, so bit for bit the same. ``batch`` is never changed.
+    """
+    b, h, w, c = batch.shape
+    divisor = _divisor(batch.dtype, scaling)
+    if channels_last:
+        out = np.empty((b, h, w, c), np.float32)
+        source, view = batch, (1, 1, 1, c)
+    else:
+        out = np.empty((b, c, h, w), np.float32)
+        source, view = batch.transpose(0, 3, 1, 2), (1, c, 1, 1)
+    if divisor is None:
+        np.copyto(out, source, casting="unsafe")
+    else:
+        np.divide(source, np.float32(divisor), out=out, dtype=np.float32, casting="unsafe")
+    if scaling.mean is not None:
+        out -= np.asarray(scaling.mean, np.float32).reshape(view)
+    if scaling.std is not None:
+        out /= np.asarray(scaling.std, np.float32).reshape(view)
+    return out.transpose(0, 3, 1, 2) if channels_last else out
 
 
 def scale_tensor(batch: torch.Tensor, dtype: np.dtype, scaling: Scaling, *,
