@@ -257,3 +257,48 @@ def test_a_backend_that_fails_off_its_traced_shape_is_refused_or_passed_over(tmp
     heatmap = tilefcn.predict(image, program, tile=64, sub_tile=32, device="cpu")
     np.testing.assert_allclose(heatmap.compute(), whole_image_output(model, image), rtol=0,
                                atol=1e-5)
+
+
+def test_auto_chooses_the_sub_tile_edge_too_and_stays_exact(tmp_path, monkeypatch):
+    """With no --sub-tile, --backend auto measures every candidate edge below the tile (and
+    the first one not) with each backend and runs at the fastest pair; the heatmap equals
+    the model on the whole image. A mask, or a given --sub-tile, measures one edge only."""
+    import tilefcn.graph as graph
+
+    monkeypatch.setenv("TILEFCN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(select, "_MEMO", {})
+    monkeypatch.setattr(graph, "SUB_TILE_CANDIDATES", (32, 64, 128, 256))
+    model = SMALL_ZOO[1](3)  # unpadded: a halo on every side
+    image = random_image(np.random.default_rng(4), (300, 260), 3, "uint8")
+    want = whole_image_output(model, image)
+
+    prediction = graph.plan_prediction(image, model, tile=128, device="cpu")
+    assert sorted(dict(prediction.ref.shapes)) == [32, 64, 128]  # 256 runs as 128 does
+    choice = prediction.ref.choice
+    assert set(choice["rates_by_sub_tile"]) == {"32", "64", "128"}
+    assert choice["sub_tile"] in (32, 64, 128)
+    pairs = {(name, int(edge)): rate for edge, rates in choice["rates_by_sub_tile"].items()
+             for name, rate in rates.items()}
+    if not choice.get("rejected"):  # the fastest (backend, edge) pair of all
+        assert pairs[(choice["backend"], choice["sub_tile"])] == max(pairs.values())
+    assert choice["rates_mp_per_s"] == choice["rates_by_sub_tile"][str(choice["sub_tile"])]
+    assert get_engine(prediction.ref).sub_tile == choice["sub_tile"]
+    got = prediction.heatmap.compute(scheduler="threads")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+    fixed = graph.plan_prediction(image, model, tile=128, device="cpu", sub_tile=64)
+    assert [edge for edge, _ in fixed.ref.shapes] == [64]
+    assert "rates_by_sub_tile" not in fixed.ref.choice
+    assert get_engine(fixed.ref).sub_tile is None  # the run's own --sub-tile is used
+    np.testing.assert_allclose(fixed.heatmap.compute(scheduler="threads"), want, atol=1e-5,
+                               rtol=0)
+
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[100:200, 50:150] = 1
+    mask_path = tmp_path / "mask.tif"
+    import tifffile
+
+    tifffile.imwrite(mask_path, mask)
+    masked = graph.plan_prediction(image, model, tile=128, device="cpu",
+                                   mask=str(mask_path))
+    assert [edge for edge, _ in masked.ref.shapes] == [256]  # the CPU default, finest grain

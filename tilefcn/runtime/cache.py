@@ -51,7 +51,9 @@ class ModelRef:
     precision: str = "fp32"
     batch: int | None = None
     sub_tile: int | None = None
-    shapes: frozenset = frozenset()  # every sub-window shape of the plan (backend checks)
+    #: ``((sub_tile, every sub-window shape of the plan with it), …)`` per candidate edge
+    #: (backend checks; with several, ``--backend auto`` measures each edge)
+    shapes: tuple = ()
     choice: dict | None = field(default=None, compare=False)
 
     def __getstate__(self) -> dict:
@@ -78,7 +80,7 @@ class ModelRef:
 
 def make_ref(model: Model, device: str = "auto", torch_threads: int | None = None, *,
              backend: str = "auto", precision: str = "fp32", batch: int | None = None,
-             sub_tile: int | None = None, shapes: frozenset = frozenset(),
+             sub_tile: int | None = None, shapes: dict | None = None,
              local: bool = True) -> ModelRef:
     """A :class:`ModelRef` for ``model``.
 
@@ -86,8 +88,10 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
     and the engine built here at once (errors surface before any compute, and the backend
     choice is known for the output's attributes). For a cluster only the spelling of the
     options is checked here: workers resolve ``device="cuda"`` on their own GPUs.
-    ``shapes``: the sub-window shapes the plan will run (:func:`tilefcn.plan.sub_window_shapes`);
-    a backend other than eager torch is used only if it matches torch on every one.
+    ``shapes``: ``{sub_tile: the sub-window shapes the plan runs with it}``
+    (:func:`tilefcn.plan.sub_window_shapes`) for each candidate sub-tile edge: a backend other
+    than eager torch is used only if it matches torch on every shape of its edge; with several
+    edges (and ``sub_tile`` None) ``--backend auto`` measures each and keeps the fastest.
     ``torch_threads`` None means 1 on CPU (:func:`get_engine`): one torch thread per dask
     thread (DESIGN §5).
     """
@@ -100,7 +104,8 @@ def make_ref(model: Model, device: str = "auto", torch_threads: int | None = Non
         raise ValueError(f"batch must be a positive whole number, got {batch!r}")
     ref = ModelRef(f"{model.fingerprint or model.sha256}:{model.spec}", model.spec,
                    str(device), torch_threads, model, model.geometry, backend, precision,
-                   batch, sub_tile, frozenset(shapes))
+                   batch, sub_tile,
+                   tuple(sorted((int(k), frozenset(v)) for k, v in (shapes or {}).items())))
     if local:
         ref.choice = get_engine(ref).choice
     return ref
@@ -171,47 +176,82 @@ def _takes_batches(reference, in_channels: int, shape: tuple[int, int],
         return False
 
 
+def _candidates(ref: ModelRef, geometry: Geometry, device: torch.device,
+                auto: bool) -> dict[int, list]:
+    """``{sub_tile: sorted shapes to check}``: ``ref.sub_tile`` alone when given, every edge
+    the plan listed for ``--backend auto``, else the device default (or the plan's one)."""
+    planned = dict(ref.shapes)
+    default = DEFAULT_SUB_TILE.get(device.type, 256)
+    if ref.sub_tile:
+        edges = [ref.sub_tile]
+    elif auto and planned:
+        edges = sorted(planned)
+    else:
+        edges = [default if default in planned or not planned else min(planned)]
+    out = {}
+    for edge in edges:
+        window = interior_window(geometry, edge)[0]
+        out[edge] = sorted(planned.get(edge) or {window, _smaller_window(geometry, window)})
+    return out
+
+
 def _build(ref: ModelRef, device: torch.device) -> Engine:
     exact_math()
     model = ref.model or load_model(ref.spec, geometry=ref.geometry)
     module = as_eval(copy_module(model.module)).to(device)
-    sub_tile = ref.sub_tile or DEFAULT_SUB_TILE.get(device.type, 256)
-    window, covered = interior_window(model.geometry, sub_tile)
+    auto = ref.backend == "auto" and device.type == "cpu" and ref.precision == "fp32"
+    candidates = _candidates(ref, model.geometry, device, auto)
     channels = model.in_channels
     batch = ref.batch or DEFAULT_BATCH.get(device.type, 1)
-    shapes = sorted(ref.shapes or {window, _smaller_window(model.geometry, window)})
-    reference = build_runner("torch", module, device, in_channels=channels, example=window[0])
-    if batch > 1 and not _takes_batches(reference, channels, min(shapes), device):
+    smallest = min(min(shapes) for shapes in candidates.values())
+    first = interior_window(model.geometry, min(candidates))[0]
+    reference = build_runner("torch", module, device, in_channels=channels, example=first[0])
+    if batch > 1 and not _takes_batches(reference, channels, smallest, device):
         batch = 1  # e.g. an ExportedProgram specialised to batch 1: one window per call
     threads = ref.torch_threads or 1  # one intra-op thread per dask thread by default
+    errors: dict = {}
 
-    def checked(name: str):
-        runner = build_runner(name, module, device, in_channels=channels,
-                              example=window[0], threads=threads)
+    measured_runners: dict = {}  # built while measuring (one torch thread), reused
+
+    def checked(name: str, edge: int):
+        window = interior_window(model.geometry, edge)[0]
+        runner = (measured_runners.get(name) if threads == 1 else None) or build_runner(
+            name, module, device, in_channels=channels, example=window[0], threads=threads)
         if name not in ("torch", "torch-cl"):  # another implementation: check every shape
-            errors[name] = _verify(runner, reference, channels, shapes, name, batch)
+            errors[name] = _verify(runner, reference, channels, candidates[edge], name, batch)
         return runner
 
-    errors: dict = {}
-    if ref.backend == "auto" and device.type == "cpu" and ref.precision == "fp32":
-        measured = choose_backend(ref.token, module, in_channels=channels, window=window,
-                                  out_pixels=covered)
+    if auto:
+        measured = {}
+        for edge in candidates:
+            window, covered = interior_window(model.geometry, edge)
+            measured[edge] = choose_backend(ref.token, module, in_channels=channels,
+                                            window=window, out_pixels=covered,
+                                            runners=measured_runners)
+        ranked = sorted(((rate, name, edge) for edge, m in measured.items()
+                         for name, rate in m.rates.items()), reverse=True)
         rejected: dict = {}
-        for name in sorted(measured.rates, key=measured.rates.get, reverse=True):
+        for _, name, edge in ranked:
             try:
-                runner = checked(name)
+                runner = checked(name, edge)
                 break
             except ValueError as exc:
                 rejected[name] = str(exc)
         else:
-            name, runner = "torch-cl", checked("torch-cl")
-        choice = Choice(name, measured.rates, {**measured.errors, **errors}, measured.cached,
-                        rejected)
+            edge = min(candidates)
+            name, runner = "torch-cl", checked("torch-cl", edge)
+        m = measured[edge]
+        choice = Choice(name, m.rates, {**m.errors, **errors},
+                        all(x.cached for x in measured.values()), rejected,
+                        edge if ref.sub_tile is None else None,
+                        {e: x.rates for e, x in measured.items()})
     else:
+        edge = next(iter(candidates))
         name = "torch-cl" if ref.backend in ("auto", "torch") else ref.backend
-        runner = checked(name)  # asked for by name: exact on every shape, or refused
+        runner = checked(name, edge)  # asked for by name: exact on every shape, or refused
         choice = Choice(name, {}, errors)
-    return Engine(model, runner, device, name, ref.precision, batch, choice.to_dict())
+    return Engine(model, runner, device, name, ref.precision, batch, choice.to_dict(),
+                  edge if ref.sub_tile is None else None)
 
 
 def get_engine(ref: ModelRef) -> Engine:

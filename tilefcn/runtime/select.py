@@ -1,5 +1,6 @@
 """``--backend auto``: measure the installed backends on sub-tiles of this model, keep those
-within 1e-5 of eager torch, use the fastest. The choice is cached per model, machine and
+within 1e-5 of eager torch, use the fastest (with the sub-tile edge, when several are
+measured: :func:`tilefcn.runtime.cache._build`). The choice is cached per model, machine and
 sub-tile shape (in this process and in ``$TILEFCN_CACHE_DIR/backends.json``).
 
 ``torch.compile`` is not among the candidates: compiling the bundled `tissue` model took 57 s
@@ -39,10 +40,16 @@ class Choice:
     errors: dict = field(default_factory=dict)
     cached: bool = False
     rejected: dict = field(default_factory=dict)  # backend → why it was not used
+    sub_tile: int | None = None  # the sub-tile edge chosen with the backend
+    by_sub_tile: dict = field(default_factory=dict)  # edge → {backend: MP/s}
 
     def to_dict(self) -> dict:
         out = {"backend": self.backend, "rates_mp_per_s": self.rates,
                "max_error_vs_torch": self.errors}
+        if self.sub_tile is not None:
+            out["sub_tile"] = self.sub_tile
+        if len(self.by_sub_tile) > 1:
+            out["rates_by_sub_tile"] = {str(k): v for k, v in self.by_sub_tile.items()}
         return {**out, "rejected": self.rejected} if self.rejected else out
 
 
@@ -106,10 +113,14 @@ def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
 
 
 def choose_backend(key: str, module: nn.Module, *, in_channels: int,
-                   window: tuple[int, int], out_pixels: int, budget: float | None = None) -> Choice:
+                   window: tuple[int, int], out_pixels: int, budget: float | None = None,
+                   runners: dict | None = None) -> Choice:
     """Measure ``AUTO_CANDIDATES`` on a random ``window``-sized input (``out_pixels`` input
     pixels are produced per call) and return the fastest one within :data:`ATOL` of eager
-    NCHW torch. ``key`` identifies the model (fingerprint/sha256)."""
+    NCHW torch. ``key`` identifies the model (fingerprint/sha256). ``runners`` (backend →
+    runner, one torch thread): runners built by an earlier call, reused (every backend takes
+    any window size, so one ONNX export serves every sub-tile edge); new ones are added."""
+    runners = {} if runners is None else runners
     cache_key = f"{key}|{machine_id()}|{window[0]}x{window[1]}"
     with _LOCK:
         hit = _MEMO.get(cache_key) or _load_disk().get(cache_key)
@@ -129,8 +140,10 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
                 if not installed(name):
                     continue
                 try:
-                    runner = build_runner(name, module, torch.device("cpu"),
-                                          in_channels=in_channels, example=window[0])
+                    runner = runners.get(name) or build_runner(
+                        name, module, torch.device("cpu"), in_channels=in_channels,
+                        example=window[0])
+                    runners[name] = runner
                     out = runner(x).float()
                 except Exception:  # noqa: BLE001,S112 - a backend that cannot run is no candidate
                     continue
