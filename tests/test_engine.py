@@ -302,3 +302,30 @@ def test_auto_chooses_the_sub_tile_edge_too_and_stays_exact(tmp_path, monkeypatc
     masked = graph.plan_prediction(image, model, tile=128, device="cpu",
                                    mask=str(mask_path))
     assert [edge for edge, _ in masked.ref.shapes] == [256]  # the CPU default, finest grain
+
+
+def test_auto_leaves_out_sub_tile_edges_that_need_too_much_memory(tmp_path, monkeypatch):
+    """An edge whose measured peak memory per thread is over the budget (a quarter of the
+    machine's memory over the threads) is not used, nor any larger one; the smallest always
+    is. The peak is faked growing 50 MB a reading, the budget 1 MB."""
+    import tilefcn.graph as graph
+    from tilefcn.runtime import cache
+
+    monkeypatch.setenv("TILEFCN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(select, "_MEMO", {})
+    monkeypatch.setattr(graph, "SUB_TILE_CANDIDATES", (32, 64, 128))
+    readings = iter(range(0, 10**6, 50))
+    monkeypatch.setattr(select, "peak_rss_mb", lambda: float(next(readings)))
+    monkeypatch.setattr(cache, "peak_rss_mb", lambda: float(next(readings)))
+    monkeypatch.setattr(cache, "working_memory_mb", lambda: 1.0)
+    monkeypatch.setattr(cache, "_CACHE", {})  # no engine built by an earlier test
+    model = SMALL_ZOO[1](3)
+    image = random_image(np.random.default_rng(5), (300, 260), 3, "uint8")
+    prediction = graph.plan_prediction(image, model, tile=256, device="cpu")
+    choice = prediction.ref.choice
+    assert choice["sub_tile"] == 32 and get_engine(prediction.ref).sub_tile == 32
+    assert list(choice["rates_by_sub_tile"]) == ["32"]
+    assert list(choice["sub_tiles_left_out"]) == ["64"]  # and 128 not even measured
+    assert "MB per thread" in choice["sub_tiles_left_out"]["64"]
+    np.testing.assert_allclose(prediction.heatmap.compute(scheduler="threads"),
+                               whole_image_output(model, image), atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ backend and precision, with a bounded cache (a long-lived worker sees many model
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from tilefcn.runtime.device import (
     resolve_device,
 )
 from tilefcn.runtime.engine import DEFAULT_BATCH, DEFAULT_SUB_TILE, Engine
-from tilefcn.runtime.select import ATOL, Choice, choose_backend
+from tilefcn.runtime.select import ATOL, Choice, choose_backend, peak_rss_mb
 
 CACHE_MAX = 8
 
@@ -176,6 +177,15 @@ def _takes_batches(reference, in_channels: int, shape: tuple[int, int],
         return False
 
 
+def working_memory_mb() -> float:
+    """The memory the model's sub-tiles may take in this process, all threads together: a
+    quarter of the machine's physical memory (4 GB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4 / 2**20
+    except (ValueError, OSError, AttributeError):
+        return 4096.0
+
+
 def _candidates(ref: ModelRef, geometry: Geometry, device: torch.device,
                 auto: bool) -> dict[int, list]:
     """``{sub_tile: sorted shapes to check}``: ``ref.sub_tile`` alone when given, every edge
@@ -222,12 +232,20 @@ def _build(ref: ModelRef, device: torch.device) -> Engine:
         return runner
 
     if auto:
-        measured = {}
-        for edge in candidates:
+        measured, too_large = {}, {}
+        budget = working_memory_mb() / max(1, (os.cpu_count() or 1) // threads)
+        baseline = peak_rss_mb()
+        for edge in candidates:  # ascending: memory grows with the edge
             window, covered = interior_window(model.geometry, edge)
-            measured[edge] = choose_backend(ref.token, module, in_channels=channels,
-                                            window=window, out_pixels=covered,
-                                            runners=measured_runners)
+            m = choose_backend(ref.token, module, in_channels=channels, window=window,
+                               out_pixels=covered, runners=measured_runners,
+                               baseline_mb=baseline)
+            if measured and m.peak_mb is not None and m.peak_mb > budget:
+                too_large[edge] = (f"needs ≈ {m.peak_mb:.0f} MB per thread, over "
+                                   f"{budget:.0f} MB (a quarter of the memory per thread)")
+                break
+            measured[edge] = m
+        candidates = {e: v for e, v in candidates.items() if e in measured}
         ranked = sorted(((rate, name, edge) for edge, m in measured.items()
                          for name, rate in m.rates.items()), reverse=True)
         rejected: dict = {}
@@ -244,7 +262,7 @@ def _build(ref: ModelRef, device: torch.device) -> Engine:
         choice = Choice(name, m.rates, {**m.errors, **errors},
                         all(x.cached for x in measured.values()), rejected,
                         edge if ref.sub_tile is None else None,
-                        {e: x.rates for e, x in measured.items()})
+                        {e: x.rates for e, x in measured.items()}, m.peak_mb, too_large)
     else:
         edge = next(iter(candidates))
         name = "torch-cl" if ref.backend in ("auto", "torch") else ref.backend

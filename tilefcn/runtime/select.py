@@ -42,14 +42,18 @@ class Choice:
     rejected: dict = field(default_factory=dict)  # backend → why it was not used
     sub_tile: int | None = None  # the sub-tile edge chosen with the backend
     by_sub_tile: dict = field(default_factory=dict)  # edge → {backend: MP/s}
+    peak_mb: float | None = None  # peak memory growth while measuring (see choose_backend)
+    too_large: dict = field(default_factory=dict)  # edge → why it was not measured / used
 
     def to_dict(self) -> dict:
         out = {"backend": self.backend, "rates_mp_per_s": self.rates,
                "max_error_vs_torch": self.errors}
         if self.sub_tile is not None:
             out["sub_tile"] = self.sub_tile
-        if len(self.by_sub_tile) > 1:
+        if len(self.by_sub_tile) > 1 or self.too_large:
             out["rates_by_sub_tile"] = {str(k): v for k, v in self.by_sub_tile.items()}
+        if self.too_large:
+            out["sub_tiles_left_out"] = {str(k): v for k, v in self.too_large.items()}
         return {**out, "rejected": self.rejected} if self.rejected else out
 
 
@@ -101,6 +105,16 @@ def _save_disk(key: str, value: dict) -> None:
         pass  # a read-only home: the choice is still memoised in this process
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (``getrusage``; 0 where unavailable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return 0.0
+
+
 def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
     runner(x)  # warm up (allocations, ONNX Runtime's first-run optimisation)
     calls, start = 0, time.perf_counter()
@@ -114,19 +128,23 @@ def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
 
 def choose_backend(key: str, module: nn.Module, *, in_channels: int,
                    window: tuple[int, int], out_pixels: int, budget: float | None = None,
-                   runners: dict | None = None) -> Choice:
+                   runners: dict | None = None, baseline_mb: float | None = None) -> Choice:
     """Measure ``AUTO_CANDIDATES`` on a random ``window``-sized input (``out_pixels`` input
     pixels are produced per call) and return the fastest one within :data:`ATOL` of eager
     NCHW torch. ``key`` identifies the model (fingerprint/sha256). ``runners`` (backend →
     runner, one torch thread): runners built by an earlier call, reused (every backend takes
-    any window size, so one ONNX export serves every sub-tile edge); new ones are added."""
+    any window size, so one ONNX export serves every sub-tile edge); new ones are added.
+    ``baseline_mb``: :func:`peak_rss_mb` before the first measurement; the peak's growth
+    since then is returned (and cached) as ``peak_mb``: what one thread running this window
+    size needs, measured edges being ascending."""
     runners = {} if runners is None else runners
     cache_key = f"{key}|{machine_id()}|{window[0]}x{window[1]}"
     with _LOCK:
         hit = _MEMO.get(cache_key) or _load_disk().get(cache_key)
         if hit and hit.get("backend") in AUTO_CANDIDATES and installed(hit["backend"]):
             _MEMO[cache_key] = hit
-            return Choice(hit["backend"], hit.get("rates", {}), hit.get("errors", {}), True)
+            return Choice(hit["backend"], hit.get("rates", {}), hit.get("errors", {}), True,
+                          peak_mb=hit.get("peak_mb"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # measured as tasks run them: one torch thread per task
         try:
@@ -156,7 +174,8 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
         finally:
             torch.set_num_threads(threads)
         best = max(rates, key=rates.get) if rates else "torch-cl"
-        value = {"backend": best, "rates": rates, "errors": errors}
+        peak = None if baseline_mb is None else round(max(0.0, peak_rss_mb() - baseline_mb), 1)
+        value = {"backend": best, "rates": rates, "errors": errors, "peak_mb": peak}
         _MEMO[cache_key] = value
         _save_disk(cache_key, value)
-        return Choice(best, rates, errors)
+        return Choice(best, rates, errors, peak_mb=peak)
