@@ -239,7 +239,7 @@ def _build(ref: ModelRef, device: torch.device) -> Engine:
             window, covered = interior_window(model.geometry, edge)
             m = choose_backend(ref.token, module, in_channels=channels, window=window,
                                out_pixels=covered, runners=measured_runners,
-                               baseline_mb=baseline)
+                               baseline_mb=baseline, scaling=model.scaling)
             if measured and m.peak_mb is not None and m.peak_mb > budget:
                 too_large[edge] = (f"needs ≈ {m.peak_mb:.0f} MB per thread, over "
                                    f"{budget:.0f} MB (a quarter of the memory per thread)")

@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from tilefcn.modelio import Scaling
 from tilefcn.runtime.backends import build_runner, installed
+from tilefcn.runtime.scaling import scale_batch
 
 AUTO_CANDIDATES = ("torch", "torch-cl", "onnxruntime")
 ATOL = 1e-5
@@ -115,11 +118,12 @@ def peak_rss_mb() -> float:
         return 0.0
 
 
-def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
-    runner(x)  # warm up (allocations, ONNX Runtime's first-run optimisation)
+def _rate(call, pixels: int, budget: float) -> float:
+    """MP/s of ``call()`` producing ``pixels`` input pixels' outputs, after one warm-up."""
+    call()  # warm up (allocations, ONNX Runtime's first-run optimisation)
     calls, start = 0, time.perf_counter()
     while True:
-        runner(x)
+        call()
         calls += 1
         elapsed = time.perf_counter() - start
         if elapsed >= budget or calls >= 50:
@@ -128,17 +132,21 @@ def _rate(runner, x: torch.Tensor, pixels: int, budget: float) -> float:
 
 def choose_backend(key: str, module: nn.Module, *, in_channels: int,
                    window: tuple[int, int], out_pixels: int, budget: float | None = None,
-                   runners: dict | None = None, baseline_mb: float | None = None) -> Choice:
+                   runners: dict | None = None, baseline_mb: float | None = None,
+                   scaling: Scaling | None = None) -> Choice:
     """Measure ``AUTO_CANDIDATES`` on a random ``window``-sized input (``out_pixels`` input
     pixels are produced per call) and return the fastest one within :data:`ATOL` of eager
-    NCHW torch. ``key`` identifies the model (fingerprint/sha256). ``runners`` (backend →
-    runner, one torch thread): runners built by an earlier call, reused (every backend takes
+    NCHW torch. Each timed call starts from raw uint8 pixels scaled as the CPU engine does
+    (:func:`~tilefcn.runtime.scaling.scale_batch` with ``scaling``, in the backend's
+    layout): the scaling's cost grows with the window past the caches, so it counts.
+    ``key`` identifies the model (fingerprint/sha256). ``runners`` (backend → runner, one
+    torch thread): runners built by an earlier call, reused (every backend takes
     any window size, so one ONNX export serves every sub-tile edge); new ones are added.
     ``baseline_mb``: :func:`peak_rss_mb` before the first measurement; the peak's growth
     since then is returned (and cached) as ``peak_mb``: what one thread running this window
     size needs, measured edges being ascending."""
     runners = {} if runners is None else runners
-    cache_key = f"{key}|{machine_id()}|{window[0]}x{window[1]}"
+    cache_key = f"{key}|{machine_id()}|raw|{window[0]}x{window[1]}"  # timed from raw pixels
     with _LOCK:
         hit = _MEMO.get(cache_key) or _load_disk().get(cache_key)
         if hit and hit.get("backend") in AUTO_CANDIDATES and installed(hit["backend"]):
@@ -150,6 +158,8 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
         try:
             gen = torch.Generator().manual_seed(0)
             x = torch.rand(1, in_channels, *window, generator=gen)
+            raw = np.random.default_rng(0).integers(0, 256, (1, *window, in_channels),
+                                                    dtype=np.uint8)
             reference = build_runner("torch", module, torch.device("cpu"),
                                      in_channels=in_channels, example=window[0])(x).float()
             scale = max(1.0, float(reference.abs().max()))
@@ -169,8 +179,13 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
                     continue
                 errors[name] = float((out - reference).abs().max())
                 if errors[name] <= ATOL * scale:
-                    rates[name] = round(_rate(runner, x, out_pixels,
-                                              budget or MEASURE_SECONDS), 2)
+                    layout = getattr(runner, "channels_last", False)
+
+                    def call(runner=runner, layout=layout) -> None:
+                        runner(torch.from_numpy(scale_batch(raw, scaling or Scaling(),
+                                                            channels_last=layout)))
+
+                    rates[name] = round(_rate(call, out_pixels, budget or MEASURE_SECONDS), 2)
         finally:
             torch.set_num_threads(threads)
         best = max(rates, key=rates.get) if rates else "torch-cl"
