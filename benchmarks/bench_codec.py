@@ -10,6 +10,7 @@ pipeline, one thread: zarr's pool and blosc's own threads are set to 1); the bes
 
     python benchmarks/bench_codec.py
     python benchmarks/bench_codec.py --size 4096 --repeat 5
+    python benchmarks/bench_codec.py --data tissue --size 8192   # a real model's heatmap
 
 Measured (AMD EPYC, idle 2-core machine; encode MB/s and ratio, ``--sigma 8`` | ``--sigma
 24``; decode ran at 0.6–2.7 GB/s with all of them; ``tilefcn.write.COMPRESSORS`` holds the
@@ -24,6 +25,18 @@ choice)::
     blosc zstd 1 shuffle  294 1.35 | 324 1.44   196 1.49 | 243 1.89   178 1.68 | 235 2.27
     blosc zstd 3 shuffle  142 1.39 | 154 1.48   105 1.69 | 139 2.06   105 1.89 | 119 2.84
     blosc zstd 5 shuffle   84 1.40 | 134 1.51    55 1.77 |  69 2.14    48 1.99 |  59 3.14
+
+Bit shuffle, measured on 2026-12-03 (same machine; ``--sigma 8`` synthetic | the bundled
+``tissue`` model's heatmap of an 8192² generated slide, ``--data tissue`` | the near-free
+stride-1 model's of a 2048² one, ``--data stride1``)::
+
+    codec                   float32                          float16
+    blosc lz4 5 shuffle     884 1.30 | 1024 1.40 | 627 1.70   527 1.37 | 776 1.99 | 532 1.69
+    blosc lz4 5 bitshuffle 1004 1.24 |  954 1.40 | 838 1.50   741 1.25 | 624 1.87 | 840 1.61
+    blosc lz4 1 bitshuffle  942 1.22 | 1053 1.38 | 781 1.49   893 1.23 | 681 1.83 | 888 1.59
+
+Bit shuffle is faster on two of the three but smaller on none, and slower on ``tissue``'s
+float16: byte shuffle stays.
 """
 
 from __future__ import annotations
@@ -47,7 +60,11 @@ CODECS: dict[str, tuple | None] = {
     "zstd 3": (ZstdCodec(level=3),),
     "zstd 5": (ZstdCodec(level=5),),
     "blosc lz4 5 shuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+    "blosc lz4 5 bitshuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),),
+    "blosc lz4 1 bitshuffle": (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),),
+    "blosc lz4 9 bitshuffle": (BloscCodec(cname="lz4", clevel=9, shuffle="bitshuffle"),),
     "blosc zstd 1 shuffle": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    "blosc zstd 1 bitshuffle": (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),),
     "blosc zstd 3 shuffle": (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),),
     "blosc zstd 5 shuffle": (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),),
     "none": (),
@@ -64,6 +81,29 @@ def heatmap(size: int, sigma: float, seed: int = 0) -> np.ndarray:
     z /= z.std()
     p = 1 / (1 + np.exp(-6 * z))
     return np.stack([p, 1 - p]).astype(np.float32)
+
+
+def model_output(kind: str, size: int) -> np.ndarray:
+    """A real model's float32 heatmap on a generated ``size``² JPEG-tiled slide: the bundled
+    ``tissue`` model (3 classes, stride 8) or the near-free stride-1 model of
+    ``bench_engine.py`` (1×1 conv, 2 channels)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tilefcn import predict
+    from tilefcn.synthetic import write_slide
+
+    slide = Path(tempfile.mkdtemp(prefix="tilefcn-codec-")) / "slide.ome.tif"
+    write_slide(slide, (size, size), seed=size, compression="jpeg")
+    if kind == "tissue":
+        model = "tissue"
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_engine import near_free
+
+        model = near_free(1)
+    return np.asarray(predict(str(slide), model, device="cpu").compute(), np.float32)
 
 
 def measure(data: np.ndarray, compressors: tuple | None, repeat: int) -> tuple[float, ...]:
@@ -93,10 +133,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="heatmap side (default 2048)")
     parser.add_argument("--sigma", type=float, default=8.0, help="blur σ in pixels")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--data", choices=("synthetic", "tissue", "stride1"),
+                        default="synthetic",
+                        help="the blurred-noise heatmap, or a real model's output on a "
+                             "generated slide of --size (tissue: --size 4096 gives 505²)")
     args = parser.parse_args()
+    p = heatmap(args.size, args.sigma) if args.data == "synthetic" else \
+        model_output(args.data, args.size)
     zarr.config.set({"threading.max_workers": 1})
     blosc.set_nthreads(1)
-    p = heatmap(args.size, args.sigma)
     for dtype in ("float32", "float16", "uint8"):
         data = encode_block(p, dtype)
         print(f"\n{dtype}  {data.shape}  chunks (2, {CHUNK}, {CHUNK})  {data.nbytes / 1e6:.1f} MB")
