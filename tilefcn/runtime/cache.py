@@ -189,15 +189,16 @@ def working_memory_mb() -> float:
 def _candidates(ref: ModelRef, geometry: Geometry, device: torch.device,
                 auto: bool) -> dict[int, list]:
     """``{sub_tile: sorted shapes to check}``: ``ref.sub_tile`` alone when given, every edge
-    the plan listed for ``--backend auto``, else the device default (or the plan's one)."""
+    the plan listed for ``--backend auto``, else this device's default (a plan made for
+    another device kind lists none of its shapes: an interior and a smaller window are
+    checked instead)."""
     planned = dict(ref.shapes)
-    default = DEFAULT_SUB_TILE.get(device.type, 256)
     if ref.sub_tile:
         edges = [ref.sub_tile]
     elif auto and planned:
         edges = sorted(planned)
     else:
-        edges = [default if default in planned or not planned else min(planned)]
+        edges = [DEFAULT_SUB_TILE.get(device.type, 256)]
     out = {}
     for edge in edges:
         window = interior_window(geometry, edge)[0]
