@@ -54,3 +54,65 @@ def test_dask_array_and_window_reads_share_the_file_safely(tmp_path):
     for k, got in enumerate(windows):
         np.testing.assert_array_equal(got, image[k * 7:k * 7 + 90, 3:250])
     assert scan.reader[0:5, 0:5, 1:2].shape == (5, 5, 1)
+
+
+def test_shared_bands_are_the_two_outer_tiles_of_halod_windows_off_the_border():
+    from tilefcn.tiffwindows import shared_bands
+
+    assert shared_bands(0, 2104, 8192, 256) == {7, 8}  # left is the image's border
+    assert shared_bands(2048, 4152, 8192, 256) == {8, 9, 15, 16}
+    assert shared_bands(4096, 6200, 8192, 256) == {16, 17, 23, 24}  # a one-sided halo
+    assert shared_bands(6144, 8192, 8192, 256) == set()  # on tile bounds: no halo here
+    assert shared_bands(2048, 4096, 8192, 256) == set()
+    assert shared_bands(0, 300, 300, 64) == set()  # the whole axis: no neighbour
+
+
+def test_tile_cache_is_a_byte_bounded_lru_of_read_only_tiles():
+    from tilefcn.tiffwindows import TileCache
+
+    cache = TileCache(3 * 1024 / 2**20)  # room for three 1-KiB tiles
+    tiles = {k: np.full(1024, k, np.uint8) for k in range(5)}
+    for k in range(3):
+        cache.put(k, tiles[k])
+    assert cache.get(0) is tiles[0]  # 0 is now the most recent: 1 goes first
+    cache.put(3, tiles[3])
+    assert cache.get(1) is None and cache.get(2) is tiles[2] and len(cache) == 3
+    assert cache.used == 3 * 1024
+    cache.put(4, np.zeros(4096, np.uint8))  # larger than the whole budget: not kept
+    assert cache.get(4) is None and len(cache) == 3
+    with pytest.raises(ValueError):
+        tiles[0][0] = 1  # shared by every window that reads it: read-only
+
+
+def test_halo_windows_reuse_their_neighbours_decoded_tiles(tmp_path, monkeypatch):
+    """Halo'd windows of a chunk grid, read one after another: each shared boundary tile is
+    decoded once, and every window still equals tifffile's whole-image read, also with a
+    cache too small to hold anything."""
+    import tilefcn.tiffwindows as tw
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
+                     tile=(64, 64), photometric="rgb", compression="jpeg")
+    image = tifffile.imread(path)
+    boxes = [(slice(max(0, y - 9), min(512, y + 128 + 9)),
+              slice(max(0, x - 9), min(512, x + 128 + 9)))
+             for y in range(0, 512, 128) for x in range(0, 512, 128)]
+    decoded = []
+    for megabytes in (64, 0):
+        with tifffile.TiffFile(path) as tif:
+            windows = tw.TileWindows(tif.pages[0], cache=tw.TileCache(megabytes))
+            calls: list[int] = []
+
+            def counted(*args, _calls=calls, _decode=windows.page.decode, **kwargs):
+                _calls.append(args[1])
+                return _decode(*args, **kwargs)
+
+            monkeypatch.setattr(windows.page, "decode", counted, raising=False)
+            for ys, xs in boxes:
+                np.testing.assert_array_equal(windows.read(ys, xs), image[ys, xs])
+        decoded.append(len(calls))
+    assert decoded[1] == sum(  # no cache: every window decodes every tile it touches
+        (-(-b[0].stop // 64) - b[0].start // 64) * (-(-b[1].stop // 64) - b[1].start // 64)
+        for b in boxes)
+    assert decoded[0] == 64  # the cache: each of the 8 × 8 tiles once
