@@ -83,9 +83,10 @@ def decode_rate(slide: str, threads: int = 2, window: int = 2048,
     scan = open_scan(slide)
     handle = scan.reader._handle()  # the process's cached open file: restored below
     windows = handle.windows
+    kept = None if windows is None else windows.cache
     if through_store:
         handle.windows = None
-    else:
+    elif windows is not None:
         windows.cache = TileCache(TILE_CACHE_MB if cache else 0)
     h, w, _ = scan.info.shape
     boxes = [(slice(max(0, y - halo), min(y + window + halo, h)),
@@ -98,6 +99,8 @@ def decode_rate(slide: str, threads: int = 2, window: int = 2048,
         return h * w / 1e6 / (time.perf_counter() - start)
     finally:
         handle.windows = windows
+        if windows is not None:
+            windows.cache = kept
 
 
 def backend_rates(model_spec, seconds: float, names: list[str],
