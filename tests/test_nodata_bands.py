@@ -18,8 +18,9 @@ NODATA = 65535
 CPU = {"device": "cpu", "backend": "torch"}
 
 
-def _scene(tmp_path, nodata_tag: str | None = str(NODATA)):
-    """A 4-band uint16 scene: nodata on the left 96 columns and at scattered pixels."""
+def _scene(tmp_path, nodata_tag: str | None = str(NODATA), um_per_px: float | None = None):
+    """A 4-band uint16 scene: nodata on the left 96 columns and at scattered pixels (with
+    ``um_per_px``, CENTIMETER resolution tags saying so)."""
     rng = np.random.default_rng(1)
     image = rng.integers(0, 60000, (256, 320, 4), dtype=np.uint16)
     image[:, :96] = NODATA
@@ -28,7 +29,10 @@ def _scene(tmp_path, nodata_tag: str | None = str(NODATA)):
     image[10, 200, 0] = NODATA  # one band only: not nodata
     path = tmp_path / "scene.tif"
     tags = [] if nodata_tag is None else [(42113, "s", 0, nodata_tag, True)]
-    tifffile.imwrite(path, image, tile=(64, 64), extratags=tags, planarconfig="contig")
+    size = {} if um_per_px is None else {"resolution": (1e4 / um_per_px, 1e4 / um_per_px),
+                                         "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, image, tile=(64, 64), extratags=tags, planarconfig="contig",
+                     **size)
     return path, image
 
 
@@ -66,6 +70,47 @@ def test_geotiff_nodata_tag_gives_nan_exactly_where_the_centre_is_nodata(tmp_pat
                            nodata=NODATA, mask="auto").compute()  # no reader: dask windows
     np.testing.assert_array_equal(np.isnan(lazy), np.isnan(masked))
     np.testing.assert_allclose(lazy[done], expected[done], rtol=0, atol=1e-5)
+
+
+def _area_mean(image, k, nodata=None):
+    """The reference downsampling, one block and band at a time: the mean of the block's
+    values that are not ``nodata`` (``nodata`` when none is), rounded half to even."""
+    h, w, bands = image.shape[0] // k, image.shape[1] // k, image.shape[2]
+    out = np.empty((h, w, bands), image.dtype)
+    for i in range(h):
+        for j in range(w):
+            block = image[i * k:(i + 1) * k, j * k:(j + 1) * k].reshape(-1, bands)
+            for b in range(bands):
+                values = block[:, b] if nodata is None else block[block[:, b] != nodata, b]
+                out[i, j, b] = nodata if values.size == 0 else \
+                    np.rint(values.astype(np.float64).mean())
+    return out
+
+
+def test_mpp_downsampling_leaves_nodata_out_of_its_means(tmp_path):
+    path, image = _scene(tmp_path, um_per_px=1.0)
+    scan = open_scan(path, mpp=3.0)
+    assert (scan.info.factor, scan.info.nodata) == (3, NODATA)
+    reference = _area_mean(image, 3, NODATA)
+    mixed = [(y // 3, x // 3) for y, x in zip(*np.nonzero(nodata_pixels(image, NODATA)),
+                                              strict=True) if 96 <= x < 318 and y < 255]
+    assert len(mixed) > 100 and all((reference[y, x] != NODATA).all() for y, x in mixed)
+    np.testing.assert_array_equal(scan.array.compute(), reference)
+    model = padded(4, 2)
+    expected = whole_image_output(model, reference)
+    centre = _centre_is_nodata(model, reference, expected.shape[1:])
+    assert 0.3 < centre.mean() < 0.5
+    heatmap = tilefcn.predict(path, model, mpp=3.0, tile=32, **CPU).compute()
+    np.testing.assert_array_equal(np.isnan(heatmap), np.broadcast_to(centre, heatmap.shape))
+    np.testing.assert_allclose(heatmap[:, ~centre], expected[:, ~centre], rtol=0, atol=1e-5)
+
+    plain = tilefcn.predict(path, model, mpp=3.0, tile=32, **CPU, nodata="none").compute()
+    np.testing.assert_allclose(plain, whole_image_output(model, _area_mean(image, 3)),
+                               rtol=0, atol=1e-5)  # --nodata none: every value averaged
+    (tmp_path / "untagged").mkdir()
+    untagged, _ = _scene(tmp_path / "untagged", nodata_tag=None, um_per_px=1.0)
+    given = tilefcn.predict(untagged, model, mpp=3.0, tile=32, **CPU, nodata=NODATA)
+    np.testing.assert_array_equal(given.compute(), heatmap)  # --nodata V: as the tag does
 
 
 def test_nodata_option_without_a_tag_and_auto_mask_of_a_scene(tmp_path):
@@ -132,3 +177,21 @@ def test_bad_bands_and_nodata_are_one_line_and_write_nothing(tmp_path, args, wor
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], lines
     assert not out.exists()
+
+
+def test_area_downsample_with_nan_nodata_is_a_per_band_nanmean():
+    from tilefcn.resample import area_downsample
+
+    rng = np.random.default_rng(4)
+    block = rng.random((6, 8, 3)).astype(np.float32)
+    block[0:2, 0:2] = np.nan  # a whole block: NaN out
+    block[2, 3, 1] = np.nan  # one value of one band
+    got = area_downsample(block, 2, np.float32, float("nan"))
+    quads = block.reshape(3, 2, 4, 2, 3).astype(np.float64)
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning, match="empty"):
+        want = np.nanmean(quads, axis=(1, 3)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[0, 0]).all() and not np.isnan(got[1, 1]).any()
+    ints = rng.integers(0, 255, (4, 4, 1), dtype=np.uint8)  # NaN cannot occur in integers
+    np.testing.assert_array_equal(area_downsample(ints, 2, np.uint8, float("nan")),
+                                  area_downsample(ints, 2, np.uint8))

@@ -17,7 +17,7 @@ import numpy as np
 from tilefcn.read import Scan
 
 __all__ = ["BandReader", "nodata_pixels", "parse_bands", "parse_nodata", "resolve_nodata",
-           "select_bands"]
+           "select_bands", "with_nodata"]
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
@@ -62,6 +62,22 @@ def resolve_nodata(scan: Scan, nodata: float | str | None) -> float | None:
         if info is not None and not (info.min <= value <= info.max and value == int(value)):
             raise ValueError(f"nodata {value:g} cannot occur in {scan.info.dtype} pixels")
     return value
+
+
+def with_nodata(scan: Scan, nodata: float | None) -> Scan:
+    """``scan`` whose on-the-fly downsampling (``--mpp`` between levels) leaves ``nodata``
+    out of its means (:mod:`tilefcn.resample`); ``scan`` itself when it is not downsampled
+    or already does. Call it before :func:`select_bands`."""
+    from tilefcn.read import reader_array
+    from tilefcn.resample import DownsampledReader
+
+    reader = scan.reader
+    if not isinstance(reader, DownsampledReader) or repr(reader.nodata) == repr(
+            None if nodata is None else float(nodata)):
+        return scan
+    reader = DownsampledReader(reader.base, reader.factor, nodata)
+    array = reader_array(reader, (scan.array.chunks[0][0], scan.array.chunks[1][0]))
+    return Scan(array=array, info=scan.info, reader=reader)
 
 
 def nodata_pixels(pixels: np.ndarray, nodata: float) -> np.ndarray:

@@ -107,7 +107,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True),
               help="Read at this many µm per pixel: the pyramid level within 10% of it, "
                    "else the nearest finer level area-averaged by an integer factor (never "
-                   "upsampled). The summary line says which level and µm/px were used.")
+                   "upsampled; nodata values are left out of the means). The summary line "
+                   "says which level and µm/px were used.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=1),

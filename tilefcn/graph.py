@@ -136,14 +136,14 @@ def plan_prediction(image: Any, model: Any, *, tile: int | None = None, device: 
     """
     tile = _positive_int("tile", tile)
     sub_tile = _positive_int("sub_tile", sub_tile)
-    from tilefcn.bands import parse_bands, parse_nodata, resolve_nodata, select_bands
+    from tilefcn.bands import parse_bands, parse_nodata, resolve_nodata, select_bands, with_nodata
     from tilefcn.mask import foreground_mask
 
     scan = image if isinstance(image, Scan) else open_scan(image, level=level, mpp=mpp)
     bands = parse_bands(bands if bands is None or isinstance(bands, str) else
                         ",".join(str(int(b)) for b in bands))
-    scan = select_bands(scan, bands)
     nodata = resolve_nodata(scan, parse_nodata(nodata))
+    scan = select_bands(with_nodata(scan, nodata), bands)
     model = load_model(model)
     height, width, channels = scan.info.shape
     if channels != model.in_channels:

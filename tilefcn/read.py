@@ -182,15 +182,21 @@ def _check_pixels(where: str, dtype: Any) -> None:
                          "(expected integer, floating-point or bool pixels)")
 
 
+def reader_array(reader: Any, chunks: tuple[int, int]) -> da.Array:
+    """The lazy ``(Y, X, C)`` dask array of a window ``reader``, chunked ``chunks`` (y, x)."""
+    return da.from_array(reader, chunks=(*chunks, reader.shape[2]),
+                         meta=np.empty((0, 0, 0), reader.dtype),
+                         name=f"read-{tokenize(reader, *chunks)}")
+
+
 def _make_scan(source: str, reader: Any, level: int | scanmeta.Resolution, yx: list,
                mpps: list, tile: tuple[int, int] | None, crs: str | None, geot: Any,
                chunk: int, nodata: float | None = None) -> Scan:
     _check_pixels(source, reader.dtype)
-    level, factor, reader, mpp, geot, tile = at_resolution(level, reader, mpps, geot, tile)
+    level, factor, reader, mpp, geot, tile = at_resolution(level, reader, mpps, geot, tile,
+                                                           nodata)
     cy, cx = (_chunk(t, chunk) for t in (tile or (None, None)))
-    array = da.from_array(reader, chunks=(cy, cx, reader.shape[2]),
-                          meta=np.empty((0, 0, 0), reader.dtype),
-                          name=f"read-{tokenize(reader, cy, cx)}")
+    array = reader_array(reader, (cy, cx))
     info = ScanInfo(
         source=source, shape=reader.shape, dtype=reader.dtype.name, level=level,
         levels=tuple((int(y), int(x)) for y, x in yx),

@@ -9,11 +9,17 @@ rows / ``W mod k`` columns) is dropped, as pyvips' ``shrink`` and OpenSlide's le
 every output pixel is the mean of exactly ``k²`` real pixels. Integer pixels are rounded to
 the nearest value (half to even, ``numpy.rint``) and keep their dtype, so the model's dtype
 scaling (``uint8 / 255``) is unchanged; float pixels are averaged in float64 and cast back.
+With a nodata value (the GeoTIFF's GDAL_NODATA, or ``--nodata``), each band averages only its
+fine values that are not nodata (NaN matches NaN), as GDAL's ``average`` resampling does: an
+output band none of whose ``k²`` values is valid is nodata, so a scene's nodata border stays
+nodata instead of darkening the pixels next to it. (A rounded integer mean can equal the
+nodata value by chance, as in GDAL.)
 Fine pixels are read in strips of output rows, so memory stays bounded by the window.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -24,13 +30,29 @@ __all__ = ["STRIP_BYTES", "DownsampledReader", "area_downsample"]
 STRIP_BYTES = 64 << 20
 
 
-def area_downsample(block: np.ndarray, factor: int, dtype: Any) -> np.ndarray:
+def _nodata_values(blocks: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """Boolean like ``blocks``: values equal to ``nodata`` (None when none can be)."""
+    if nodata is None or (math.isnan(nodata) and blocks.dtype.kind != "f"):
+        return None
+    return np.isnan(blocks) if math.isnan(nodata) else blocks == nodata
+
+
+def area_downsample(block: np.ndarray, factor: int, dtype: Any,
+                    nodata: float | None = None) -> np.ndarray:
     """Means of ``factor²`` blocks of ``block`` ``(k·h, k·w, C)`` as ``(h, w, C)`` of
-    ``dtype`` (integers rounded half to even)."""
+    ``dtype`` (integers rounded half to even); with ``nodata``, per band the mean of the
+    values that are not nodata, ``nodata`` where there is none."""
     kh, kw, c = block.shape
     h, w = kh // factor, kw // factor
-    means = block[:h * factor, :w * factor].reshape(h, factor, w, factor, c).mean(
-        axis=(1, 3), dtype=np.float64)
+    blocks = block[:h * factor, :w * factor].reshape(h, factor, w, factor, c)
+    missing = _nodata_values(blocks, nodata)
+    if missing is None or not missing.any():
+        means = blocks.mean(axis=(1, 3), dtype=np.float64)
+    else:
+        counts = (~missing).sum(axis=(1, 3))
+        sums = np.where(missing, 0, blocks).sum(axis=(1, 3), dtype=np.float64)
+        means = np.full(sums.shape, nodata, np.float64)
+        np.divide(sums, counts, out=means, where=counts > 0)
     dtype = np.dtype(dtype)
     if dtype.kind in "biu":
         info = np.iinfo(dtype) if dtype.kind != "b" else None
@@ -42,17 +64,19 @@ def area_downsample(block: np.ndarray, factor: int, dtype: Any) -> np.ndarray:
 
 class DownsampledReader:
     """Picklable ``(Y, X, C)`` window reader: ``base`` (a finer level's reader) area-averaged
-    by the integer ``factor`` (see the module doc for alignment, borders and rounding)."""
+    by the integer ``factor``, leaving ``nodata`` out of the means (see the module doc for
+    alignment, borders, rounding and nodata)."""
 
     ndim = 3
 
-    def __init__(self, base: Any, factor: int) -> None:
+    def __init__(self, base: Any, factor: int, nodata: float | None = None) -> None:
         if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 2:
             raise ValueError(f"downsampling factor must be a whole number >= 2, got {factor!r}")
         height, width, channels = base.shape
         if height < factor or width < factor:
             raise ValueError(f"cannot downsample a {height}x{width} image by {factor}")
         self.base, self.factor = base, int(factor)
+        self.nodata = None if nodata is None else float(nodata)
         self.shape = (height // self.factor, width // self.factor, channels)
         self.dtype = np.dtype(base.dtype)
 
@@ -71,23 +95,25 @@ class DownsampledReader:
         for r in range(y0, y1, rows):
             r1 = min(y1, r + rows)
             fine = np.asarray(self.base[k * r:k * r1, k * x0:k * x1])
-            out[r - y0:r1 - y0] = area_downsample(fine, k, self.dtype)
+            out[r - y0:r1 - y0] = area_downsample(fine, k, self.dtype, self.nodata)
         return out[:, :, key[2]]
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import tokenize
 
-        return ("downsampled", tokenize(self.base), self.factor)
+        return ("downsampled", tokenize(self.base), self.factor, repr(self.nodata))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.base!r}, factor={self.factor})"
+        nodata = "" if self.nodata is None else f", nodata={self.nodata!r}"
+        return f"{type(self).__name__}({self.base!r}, factor={self.factor}{nodata})"
 
 
 def at_resolution(resolution: Any, reader: Any, mpps: list, geotransform: Any,
-                  tile: Any) -> tuple:
+                  tile: Any, nodata: float | None = None) -> tuple:
     """``(level, factor, reader, mpp, geotransform, tile)`` of a scan read at ``resolution``
     (a :class:`tilefcn.scanmeta.Resolution` or a level number) from ``reader`` of that level:
-    with a factor ``k > 1`` the reader is a :class:`DownsampledReader`, µm/px and the
+    with a factor ``k > 1`` the reader is a :class:`DownsampledReader` (leaving ``nodata``
+    out of its means), µm/px and the
     geotransform's pixel sizes are ``k`` times the level's, and there is no native tile."""
     level = getattr(resolution, "level", resolution)
     k = getattr(resolution, "factor", 1)
@@ -97,4 +123,4 @@ def at_resolution(resolution: Any, reader: Any, mpps: list, geotransform: Any,
     mpp = None if mpp is None else (mpp[0] * k, mpp[1] * k)
     if geotransform is not None:  # (x0, px_w, rot_x, y0, rot_y, px_h): origin unchanged
         geotransform = tuple(v if i % 3 == 0 else v * k for i, v in enumerate(geotransform))
-    return level, k, DownsampledReader(reader, k), mpp, geotransform, None
+    return level, k, DownsampledReader(reader, k, nodata), mpp, geotransform, None
