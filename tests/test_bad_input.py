@@ -180,6 +180,12 @@ def _resume_foreign(tmp, m):
                 "--resume")
 
 
+def _resume_foreign_tiff(tmp, m):
+    tifffile.imwrite(tmp / "h.tif", np.zeros((8, 8), np.uint8))
+    return _run(_rgb(tmp / "s.tif"), "--model", m / GOOD_MODEL, "--out", tmp / "h.tif",
+                "--resume")
+
+
 def _resume_other_source(tmp, m):
     _write_heatmap(tmp, m, _rgb(tmp / "a.tif", seed=1), tmp / "heat.zarr")
     return _run(_rgb(tmp / "b.tif", seed=2), "--model", m / GOOD_MODEL, "--out",
@@ -255,8 +261,8 @@ CASES = {
     "--resume other source": Case(_resume_other_source, 2,
                                   r"cannot resume .*heat\.zarr: it was written from another "
                                   r"source \(path .*a\.tif vs .*b\.tif\)"),
-    "--resume a GeoTIFF": Case(_scan_with("--out", "h.tif", "--resume"), 2,
-                               r"cannot resume a GeoTIFF output"),
+    "--resume a foreign TIFF": Case(_resume_foreign_tiff, 2,
+                                    r"cannot resume .*h\.tif: not a tilefcn heatmap"),
     "--overwrite and --resume": Case(_scan_with("--overwrite", "--resume"), 2,
                                      r"give --overwrite or --resume, not both"),
     "missing --mask file": Case(_missing_mask, 2, r"no such file: .*mask\.tif"),

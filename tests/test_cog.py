@@ -136,11 +136,18 @@ def test_plain_slide_gives_a_cog_in_scan_pixels_and_uint8(tmp_path):
         assert src.dtypes[0] == "float32"  # replaced by the new run
 
 
-def test_failed_run_leaves_the_old_output_and_no_partial_files(tmp_path, monkeypatch):
+def _read(path):
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def test_failed_run_keeps_the_old_output_and_resumes_from_its_checkpoint(tmp_path,
+                                                                          monkeypatch):
     scene, _ = _scene(tmp_path / "scene.tif", shape=(128, 128), seed=4)
-    out = tmp_path / "heat.tif"
-    run(scene, padded(4, 2), out, tile=64, device="cpu")
+    model, out, clean = padded(4, 2), tmp_path / "heat.tif", tmp_path / "clean.tif"
+    run(scene, model, out, tile=64, device="cpu")
     before = out.read_bytes()
+    run(scene, model, clean, tile=32, device="cpu")
     real, calls = cog.CogSink.__call__, []
 
     def failing(sink, tile, block):
@@ -151,9 +158,89 @@ def test_failed_run_leaves_the_old_output_and_no_partial_files(tmp_path, monkeyp
 
     monkeypatch.setattr(cog.CogSink, "__call__", failing)
     with pytest.raises(RuntimeError, match="worker lost"):
-        run(scene, padded(4, 2), out, tile=32, device="cpu", overwrite=True)
-    assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.tif", "scene.tif"]
+        run(scene, model, out, tile=32, device="cpu", overwrite=True)
+    assert out.read_bytes() == before  # the old output is replaced by a finished run only
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "clean.tif", "heat.tif", "heat.tif.tiles.partial", "heat.tif.tiles.partial.json",
+        "scene.tif"]
+    assert len(cog.read_journal(out)["done"]) == 2
+    with pytest.raises(ValueError, match="cannot resume .*another tile plan"):
+        run(scene, model, out, tile=64, device="cpu", resume=True)  # another job: refused
+    assert cog.read_journal(out) is not None  # and nothing lost
+
+    written = []
+    monkeypatch.setattr(cog.CogSink, "__call__",
+                        lambda sink, tile, block: (written.append(tile.index),
+                                                   real(sink, tile, block))[1])
+    summary = run(scene, model, out, tile=32, device="cpu", resume=True)
+    assert summary.tiles_skipped == 2 and len(written) == 16 - 2
+    np.testing.assert_array_equal(_read(out), _read(clean))
+    _valid(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.tif", "heat.tif", "scene.tif"]
+    again = run(scene, model, out, tile=32, device="cpu", resume=True)
+    assert again.already_complete and len(written) == 14  # this job's finished COG: kept
+    with pytest.raises(ValueError, match="cannot resume .*another tile plan"):
+        run(scene, model, out, tile=64, device="cpu", resume=True)
+    assert check_output(tmp_path / "none.tif", resume=True) == "new"
+    with pytest.raises(ValueError, match="not a tilefcn heatmap"):
+        check_output(scene, resume=True)
+
+
+def test_failure_before_any_tile_leaves_no_partial_files(tmp_path, monkeypatch):
+    scene, _ = _scene(tmp_path / "scene.tif", shape=(64, 64), seed=4)
+
+    def failing(sink, tile, block):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(cog.CogSink, "__call__", failing)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(scene, padded(4, 2), tmp_path / "heat.tif", tile=32, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+KILLED_RUN = """
+import os, signal, sys
+from models_zoo import padded
+from tilefcn import cog
+from tilefcn.job import run
+import torch
+cog.CHECKPOINT_S = 0.0  # a checkpoint after every tile
+real, calls = cog.CogSink.__call__, []
+def dying(sink, tile, block):
+    calls.append(tile)
+    if len(calls) > 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 would, mid-run
+    return real(sink, tile, block)
+cog.CogSink.__call__ = dying
+torch.manual_seed(0)
+run(sys.argv[1], padded(4, 2), sys.argv[2], tile=32, device="cpu", workers=1)
+"""
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    scene, _ = _scene(tmp_path / "scene.tif", shape=(128, 128), seed=5)
+    out, clean = tmp_path / "heat.tif", tmp_path / "clean.tif"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH",
+                                                                              "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(scene), str(out)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and len(cog.read_journal(out)["done"]) == 3
+    torch.manual_seed(0)
+    model = padded(4, 2)  # the same weights as the killed run's
+    summary = run(scene, model, out, tile=32, device="cpu", resume=True)
+    assert summary.tiles_skipped == 3
+    run(scene, model, clean, tile=32, device="cpu")
+    np.testing.assert_array_equal(_read(out), _read(clean))
 
 
 def test_float16_geotiff_is_refused_before_anything_is_written(tmp_path):

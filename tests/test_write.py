@@ -131,7 +131,8 @@ def test_check_output_refusals(tmp_path) -> None:
     tifffile.imwrite(plain, np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="not a tilefcn"):
         check_output(plain, overwrite=True)
-    with pytest.raises(ValueError, match="cannot resume a GeoTIFF"):
-        check_output(tmp_path / "new.tif", resume=True)
+    with pytest.raises(ValueError, match="cannot resume .*plain.tif: not a tilefcn"):
+        check_output(plain, resume=True)
+    assert check_output(tmp_path / "new.tif", resume=True) == "new"  # nothing to continue
     with pytest.raises(FileExistsError):
         _store(out)

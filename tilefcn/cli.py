@@ -156,7 +156,10 @@ def main(ctx: click.Context, debug: bool) -> None:
                                       "uint8 (probability × 255 rounded; no NaN, so no mask). "
                                       "GeoTIFFs: float32 or uint8.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tilefcn output.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted OME-Zarr output.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run of this same job: an OME-Zarr output keeps "
+                   "its written chunks; a GeoTIFF keeps the tiles checkpointed beside it "
+                   "(<out>.tiles.partial, every 30 s and when a run stops).")
 @click.option("--preview", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
               help="Also write a PNG preview (OME-Zarr outputs): the scan's thumbnail with the "
                    "argmax class colours blended in (opacity = probability), a legend of the "
@@ -268,6 +271,9 @@ def _report_scan(summary: RunSummary, verbose: bool) -> None:
         click.echo(f"Backend: {summary.backend}{edge}" + (
             f" (measured: {rates})" if rates else
             " (chosen on each worker)" if summary.backend == "auto" else ""))
+    if summary.already_complete:
+        click.echo(f"{summary.out} is already complete for this job: nothing to do")
+        return
     click.echo(f"Wrote {summary.out}: heatmap {summary.shape} from "
                f"{summary.megapixels:.1f} MP"
                + (f" at {summary.resolution}" if summary.resolution else "")

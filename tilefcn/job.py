@@ -23,7 +23,15 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
 from tilefcn.cluster import executor, has_gpu_workers
-from tilefcn.cog import PIXEL_GEOTRANSFORM, CogSink, check_geotiff_dtype, gather_into, source_crs
+from tilefcn.cog import (
+    PIXEL_GEOTRANSFORM,
+    CogSink,
+    check_geotiff_dtype,
+    cog_identity,
+    gather_into,
+    read_journal,
+    source_crs,
+)
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
 from tilefcn.identity import identity_mismatch, job_identity
@@ -199,10 +207,11 @@ def _compute(graph: HighLevelGraph, keys: list, client: Any, *, counted: list, w
 
 
 def _write_tiff(prediction: Prediction, out: Path, client: Any, dtype: str,
-                progress: Progress | None, workers: int) -> int:
+                progress: Progress | None, workers: int, mode: str = "new") -> int:
     """Write the heatmap tile by tile into a Cloud-Optimized GeoTIFF (:class:`CogSink`): by
     this process's threads through the graph (one locked writer), or gathered from a
-    cluster's workers at most ``2 · workers`` groups at a time; returns 0 (never resumed).
+    cluster's workers at most ``2 · workers`` groups at a time. With ``mode="resume"`` the
+    tiles an interrupted run of this job checkpointed are kept; returns how many.
 
     Georeferenced scans give the scan's CRS (WKT) and the heatmap's geotransform; others a
     COG without CRS whose transform maps heatmap pixels onto scan pixels."""
@@ -215,33 +224,36 @@ def _write_tiff(prediction: Prediction, out: Path, client: Any, dtype: str,
                                           None if georef else PIXEL_GEOTRANSFORM),
         crs=source_crs(info.source, info.crs) if georef or info.crs else None,
         classes=list(prediction.model.classes),
-        description=_attrs(prediction, {"dtype": dtype}), dtype=dtype)
-    tiles, masked = plan.grid[0] * plan.grid[1], len(prediction.masked)
-    group = _group_size(tiles - masked, workers)
+        description=_attrs(prediction, {"dtype": dtype}), dtype=dtype,
+        identity=job_identity(prediction, dtype=dtype), resume=mode == "resume")
+    resumed = sink.done()
+    skip = resumed | set(prediction.masked)
+    tiles = plan.grid[0] * plan.grid[1]
+    group = _group_size(tiles - len(skip), workers)
     try:
-        sink.write_nodata(plan.tile(*index) for index in sorted(prediction.masked))
+        sink.write_nodata(plan.tile(*index) for index in sorted(prediction.masked - resumed))
         if progress:
-            progress(masked, tiles)
+            progress(len(skip), tiles)
         if client is not None and prediction.scan.reader is not None:
             from tilefcn.runtime.plugin import RuntimePlugin
 
             client.register_plugin(RuntimePlugin(prediction.ref))
             gpu = str(prediction.ref.device).startswith("cuda") and has_gpu_workers(client)
             gather_into(sink, prediction, client, group=group, window=2 * workers,
-                        progress=progress, resources={"GPU": 1} if gpu else None)
+                        progress=progress, resources={"GPU": 1} if gpu else None, skip=skip)
         else:
             name = f"tilefcn-cog-{prediction.name.rsplit('-', 1)[-1]}"
             sink_d = dask.delayed(sink, name=f"{name}-sink", traverse=False)
-            layer, _ = prediction.write_layer(sink_d.key, set(prediction.masked), group, name)
+            layer, _ = prediction.write_layer(sink_d.key, skip, group, name)
             graph = HighLevelGraph.from_collections(
                 name, layer, dependencies=[*prediction.dependencies, sink_d])
             _compute(graph, list(layer), None, counted=list(layer), workers=workers,
-                     progress=progress, total=tiles, done=masked)
+                     progress=progress, total=tiles, done=len(skip))
         sink.finish()
     except BaseException:
         sink.abort()
         raise
-    return 0
+    return len(resumed - prediction.masked)
 
 
 def _write_zarr(prediction: Prediction, out: Path, mode: str, client: Any, options: dict,
@@ -289,6 +301,17 @@ def _complete_same_job(out: Path, prediction: Prediction, dtype: str) -> bool:
                               job_identity(prediction, dtype=dtype)) is None)
 
 
+def _complete_same_cog(out: Path, prediction: Prediction, dtype: str) -> bool:
+    """With ``--resume`` on a GeoTIFF and no interrupted run to continue: whether ``out`` is
+    this very job's finished COG (``ValueError`` when it is another job's)."""
+    if read_journal(out) is not None or not out.is_file():
+        return False
+    why = identity_mismatch(cog_identity(out), job_identity(prediction, dtype=dtype))
+    if why:
+        raise ValueError(f"cannot resume {out}: {why}")
+    return True
+
+
 def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None, *,
         tile: int | None = None, level: int | None = None, mpp: float | None = None,
         device: str = "auto", workers: int | None = None, scheduler: str | None = None,
@@ -300,8 +323,10 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
         nodata: Any = None) -> RunSummary:
     """Predict ``image`` with ``model`` and write the heatmap to ``out`` (``.zarr`` or ``.tif``).
 
-    An existing output is refused unless ``overwrite`` or ``resume`` (OME-Zarr only: the
-    chunks already written are kept and only the missing ones computed). ``mask`` (``"auto"``
+    An existing output is refused unless ``overwrite`` or ``resume`` (the chunks already
+    written are kept and only the missing ones computed: an OME-Zarr's own, a GeoTIFF's
+    checkpointed beside it, :mod:`tilefcn.cog`; this job's finished GeoTIFF is left as it
+    is, ``already_complete``). ``mask`` (``"auto"``
     or a mask image) leaves tiles without foreground uncomputed (NaN). ``dtype``
     (OME-Zarr): ``float32`` (default), ``float16`` or ``uint8`` (``round(p · 255)``, no NaN,
     so no mask). ``backend``/``precision``/``batch``: see :func:`tilefcn.predict`.
@@ -346,7 +371,8 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
     mismatch = mpp_mismatch(info.mpp, prediction.model.card.get("mpp"), prediction.model.name)
     if mismatch:
         (warn or _resolution_warning)(mismatch)
-    if skip_complete and mode == "resume" and _complete_same_job(out, prediction, dtype):
+    if mode == "resume" and (_complete_same_cog(out, prediction, dtype) if tiff else
+                             skip_complete and _complete_same_job(out, prediction, dtype)):
         tiles = prediction.plan.grid[0] * prediction.plan.grid[1]
         return RunSummary(str(out), (prediction.classes, *prediction.plan.out_shape), tiles,
                           tiles, 0.0, 0.0, len(prediction.masked), already_complete=True,
@@ -357,7 +383,7 @@ def run(image: Any, model: Any = "tissue", out: str | os.PathLike | None = None,
             workers = max(1, sum(w.get("nthreads", 1) for w in
                                  client.scheduler_info().get("workers", {}).values()))
         if tiff:
-            skipped = _write_tiff(prediction, out, client, dtype, progress, workers)
+            skipped = _write_tiff(prediction, out, client, dtype, progress, workers, mode)
         else:
             skipped = _write_zarr(prediction, out, mode, client, {"dtype": dtype}, progress,
                                   workers)

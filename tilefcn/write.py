@@ -139,7 +139,8 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
     Nothing is written or deleted here. Raises ``ValueError`` for a suffix other than
     ``.zarr`` (OME-Zarr) or ``.tif``/``.tiff`` (GeoTIFF), ``FileExistsError`` when the output
     exists and neither flag is given, ``ValueError`` when overwriting something that is not a
-    tilefcn output or resuming something that is not a tilefcn OME-Zarr heatmap.
+    tilefcn output or resuming something that is not a tilefcn heatmap (a GeoTIFF resumes
+    from the checkpoint an interrupted run left beside it, :mod:`tilefcn.cog`).
     """
     p = Path(path)
     if p.suffix.lower() not in (".zarr", *_TIFF_SUFFIXES):
@@ -148,7 +149,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
     if overwrite and resume:
         raise ValueError("use either --overwrite or --resume, not both")
     if resume and p.suffix.lower() in _TIFF_SUFFIXES:
-        raise ValueError(f"cannot resume a GeoTIFF output: {p} (use --overwrite)")
+        return _check_tiff_resume(p)
     if not (p.exists() or p.is_symlink()):
         folder = next((a for a in p.absolute().parents if a.exists()), None)
         if folder is not None and not folder.is_dir():
@@ -165,6 +166,19 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False,
     if not is_tilefcn_output(p):
         raise ValueError(f"refusing to overwrite {p}: not a tilefcn output")
     return "overwrite"
+
+
+def _check_tiff_resume(p: Path) -> str:
+    """``--resume`` of a GeoTIFF: ``"resume"`` with an interrupted run's checkpoint beside it
+    (:func:`tilefcn.cog.read_journal`) or a tilefcn GeoTIFF there (a finished job: left as it
+    is if it is this one), else ``"new"``."""
+    from tilefcn.cog import read_journal
+
+    if (p.exists() or p.is_symlink()) and not is_tilefcn_output(p):
+        raise ValueError(f"cannot resume {p}: not a tilefcn heatmap")
+    if read_journal(p) is not None or p.exists():
+        return "resume"
+    return check_output(p)
 
 
 def _multiscales(name: str, unit: str | None, scale: tuple[float, float],
