@@ -13,6 +13,7 @@ import tifffile
 from models_zoo import padded, strided, whole_image_output
 
 from tilefcn import cog
+from tilefcn.checkpoint import read_journal
 from tilefcn.geometry import Geometry
 from tilefcn.job import heatmap_geotransform, run
 from tilefcn.measure import measure_geometry
@@ -163,10 +164,10 @@ def test_failed_run_keeps_the_old_output_and_resumes_from_its_checkpoint(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "clean.tif", "heat.tif", "heat.tif.tiles.partial", "heat.tif.tiles.partial.json",
         "scene.tif"]
-    assert len(cog.read_journal(out)["done"]) == 2
+    assert len(read_journal(out)["done"]) == 2
     with pytest.raises(ValueError, match="cannot resume .*another tile plan"):
         run(scene, model, out, tile=64, device="cpu", resume=True)  # another job: refused
-    assert cog.read_journal(out) is not None  # and nothing lost
+    assert read_journal(out) is not None  # and nothing lost
 
     written = []
     monkeypatch.setattr(cog.CogSink, "__call__",
@@ -202,6 +203,7 @@ KILLED_RUN = """
 import os, signal, sys
 from models_zoo import padded
 from tilefcn import cog
+from tilefcn.checkpoint import read_journal
 from tilefcn.job import run
 import torch
 cog.CHECKPOINT_S = 0.0  # a checkpoint after every tile
@@ -234,7 +236,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(scene), str(out)], env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not out.exists() and len(cog.read_journal(out)["done"]) == 3
+    assert not out.exists() and len(read_journal(out)["done"]) == 3
     torch.manual_seed(0)
     model = padded(4, 2)  # the same weights as the killed run's
     summary = run(scene, model, out, tile=32, device="cpu", resume=True)
@@ -314,7 +316,7 @@ def test_cluster_workers_send_blocks_to_one_writer(tmp_path, monkeypatch):
     gathered: list[int] = []
 
     def spy(*args, **kwargs):
-        gathered.append(tilefcn.cog.gather_into(*args, **kwargs))
+        gathered.append(tilefcn.gather.gather_into(*args, **kwargs))
         return gathered[-1]
 
     monkeypatch.setattr(tilefcn.job, "gather_into", spy)

@@ -5,11 +5,12 @@ write chunk / finish). Heatmap chunks are written as they are computed, each as 
 a tiled, sparse, lightly compressed GTiff ``<out>.tiles.partial`` (one GDAL dataset, one
 writer: a lock serialises the writes of the threads that compute the chunks; chunks computed
 on ``distributed`` workers are gathered to the client in a bounded window,
-:func:`gather_into`). :meth:`CogSink.finish` lets GDAL's COG driver build the overviews
-(``AVERAGE``, NaN ignored) and copy everything, block by block, into ``<out>.partial`` (tiled,
-DEFLATE or ZSTD with a predictor, overviews after the full resolution, COG layout), which is
-then renamed to ``<out>``. Memory stays that of a few blocks plus GDAL's block cache
-(``GDAL_CACHEMAX``); no full-width strip and no whole heatmap is ever held.
+:func:`tilefcn.gather.gather_into`). :meth:`CogSink.finish` lets GDAL's COG driver build the
+overviews (``AVERAGE``, NaN ignored) and copy everything, block by block, into
+``<out>.partial`` (tiled, DEFLATE or ZSTD with a predictor, overviews after the full
+resolution, COG layout), which is then renamed to ``<out>``. Memory stays that of a few
+blocks plus GDAL's block cache (``GDAL_CACHEMAX``); no full-width strip and no whole heatmap
+is ever held.
 
 Resuming (a job's sink, opened with its ``identity``): every :data:`CHECKPOINT_S` seconds, and
 when a run stops on an error or an interruption, the intermediate tiles are closed (GDAL
@@ -17,6 +18,7 @@ writes their directory) and ``<out>.tiles.partial.json`` records the job's ident
 tiles written; ``resume=True`` reopens them and :meth:`CogSink.done` lists those tiles, so a
 killed run loses at most the tiles of the last :data:`CHECKPOINT_S` seconds. Tiles without a
 checkpoint are computed again. The output path itself is only replaced by :meth:`finish`.
+(:mod:`tilefcn.checkpoint`: the files and their record.)
 
 Georeference (GDAL geotransform ``X = a + b·col + c·row``, ``Y = d + e·col + f·row``, pixel is
 area): for a scan geotransform ``(a, b, c, d, e, f)`` and a model of stride ``s``, offset ``o``,
@@ -43,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
+from tilefcn.checkpoint import check_resumable, journal_path, read_journal, write_journal
 from tilefcn.identity import identity_mismatch
 from tilefcn.plan import Tile
 from tilefcn.write import encode_block
 
 __all__ = ["CHECKPOINT_S", "COMPRESSIONS", "GEOTIFF_DTYPES", "PIXEL_GEOTRANSFORM", "CogSink",
-           "check_geotiff_dtype", "cog_identity", "gather_into", "journal_path", "read_journal",
-           "source_crs", "write_geotiff"]
+           "check_geotiff_dtype", "source_crs", "write_geotiff"]
 
 #: Stored dtypes of a GeoTIFF heatmap (GDAL < 3.11 has no float16; uint8 = round(p · 255)).
 GEOTIFF_DTYPES = ("float32", "uint8")
@@ -73,35 +75,6 @@ _INTERMEDIATE = {"compress": "zstd", "zstd_level": 1}
 #: Seconds between checkpoints of a job's intermediate tiles (see the module doc; one costs a
 #: close and a reopen of the dataset: 1–2 ms each measured, a 1024² stride-8 heatmap).
 CHECKPOINT_S = 30.0
-
-
-def journal_path(path: str | os.PathLike) -> Path:
-    """Where a GeoTIFF job records its checkpointed tiles: ``<out>.tiles.partial.json``."""
-    p = Path(path)
-    return p.with_name(p.name + ".tiles.partial.json")
-
-
-def read_journal(path: str | os.PathLike) -> dict | None:
-    """The checkpoint record of an interrupted GeoTIFF job at ``path`` (None if absent,
-    unreadable, or without its intermediate tiles)."""
-    journal = journal_path(path)
-    tiles = journal.with_name(journal.name.removesuffix(".json"))
-    try:
-        record = json.loads(journal.read_text())
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(record, dict) and isinstance(record.get("done"), list) and tiles.is_file()
-    return record if ok else None
-
-
-def cog_identity(path: str | os.PathLike) -> Any:
-    """The job identity record stored in a tilefcn GeoTIFF's description (None if none)."""
-    from tilefcn.read import tiff_description
-
-    try:
-        return json.loads(tiff_description(path) or "")["tilefcn"].get("identity")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
 
 
 def check_geotiff_dtype(dtype: str) -> str:
@@ -237,7 +210,7 @@ class CogSink:
             with _quiet():
                 if record is not None:
                     sink._dataset = rasterio.open(sink.tiles_path, "r+")
-                    _check_resumable(sink._dataset, p, profile)
+                    check_resumable(sink._dataset, p, profile)
                     sink._resumed = frozenset(tuple(t) for t in record["done"])
                     sink._written = set(sink._resumed)
                 else:
@@ -295,11 +268,7 @@ class CogSink:
         self._checkpoint_at = time.monotonic() + CHECKPOINT_S
 
     def _write_journal(self) -> None:
-        journal = journal_path(self.path)
-        record = {"identity": self.identity, "done": sorted(self._written)}
-        temp = journal.with_name(journal.name + ".tmp")
-        temp.write_text(json.dumps(record))
-        os.replace(temp, journal)  # a kill leaves the old record or the new one, whole
+        write_journal(self.path, self.identity, self._written)
 
     def write_nodata(self, tiles: Iterable[Tile]) -> None:
         """Write NaN over ``tiles`` (those a mask leaves out): GDAL does not reliably fill
@@ -387,79 +356,6 @@ class CogSink:
     def __reduce__(self) -> Any:
         raise TypeError("a CogSink writes from the process that opened it; gather blocks "
                         "to it (tilefcn.cog.gather_into) instead of sending it to workers")
-
-
-def _check_resumable(dataset: Any, path: Path, profile: dict) -> None:
-    """``ValueError`` unless the reopened intermediate tiles have this run's layout."""
-    have = (dataset.count, dataset.height, dataset.width, dataset.dtypes[0])
-    want = (profile["count"], profile["height"], profile["width"], profile["dtype"])
-    if have != want:
-        raise ValueError(f"cannot resume {path}: its unfinished tiles hold {have[0]}×"
-                         f"{have[1]}×{have[2]} {have[3]}, this run needs {want[0]}×{want[1]}×"
-                         f"{want[2]} {want[3]}")
-
-
-class _BlockList(list):
-    """A sink that keeps ``(tile, block)`` pairs (for a task whose result is its blocks)."""
-
-    def __init__(self, dtype: str) -> None:
-        super().__init__()
-        self.dtype = dtype
-
-    def __call__(self, tile: Tile, block: np.ndarray) -> None:
-        self.append((tile, np.asarray(block)))
-
-
-def compute_group(ref: Any, reader: Any, tiles: list[Tile], image_shape: tuple[int, int],
-                  sub_tile: int | None, dtype: str,
-                  footprint: Any = None) -> list[tuple[Tile, np.ndarray]]:
-    """Task on a worker: the encoded blocks of ``tiles``, streamed through its engine
-    (``footprint``: the prediction's :class:`tilefcn.mask.Footprint`, when it has one)."""
-    from tilefcn.sinks import write_group
-
-    blocks = _BlockList(dtype)
-    write_group(ref, reader, blocks, tiles, image_shape, sub_tile,
-                *(() if footprint is None else (footprint,)))
-    return list(blocks)
-
-
-def gather_into(sink: CogSink, prediction: Any, client: Any, *, group: int, window: int,
-                progress: Callable[[int, int], None] | None = None,
-                resources: dict | None = None, skip: set | None = None) -> int:
-    """Compute the tiles of ``prediction`` not in ``skip`` (default: the masked ones) on
-    ``client``'s workers in groups of ``group`` tiles, at most ``window`` groups in flight
-    (so at most ``group · window`` blocks wait for this process), and write each block into
-    ``sink`` here, as it arrives. ``resources`` (e.g. ``{"GPU": 1}``) go with each task.
-    Returns the tiles written."""
-    from distributed import as_completed
-
-    plan = prediction.plan
-    skip = set(prediction.masked) if skip is None else set(skip)
-    todo = [t for t in plan.tiles() if t.index not in skip]
-    groups: Iterator[list[Tile]] = (todo[k:k + group] for k in range(0, len(todo), group))
-    footprint = getattr(prediction, "footprint", None)
-    ref, reader, footprint = client.scatter([prediction.ref, prediction.scan.reader,
-                                             footprint], broadcast=True, hash=False)
-    total, done = len(plan.tiles()), len(skip)
-
-    def submit(tiles: list[Tile]) -> Any:
-        return client.submit(compute_group, ref, reader, tiles, plan.image_shape,
-                             prediction.sub_tile, sink.dtype, footprint, pure=False,
-                             resources=resources)
-
-    running = as_completed([submit(g) for _, g in zip(range(max(1, window)), groups,
-                                                      strict=False)])
-    for future in running:
-        for tile, block in future.result():
-            sink(tile, block)
-            done += 1
-        future.release()
-        if progress:
-            progress(done, total)
-        nxt = next(groups, None)
-        if nxt is not None:
-            running.add(submit(nxt))
-    return done - len(skip)
 
 
 def write_geotiff(path: str | os.PathLike, heatmap: Any, *,

@@ -22,16 +22,15 @@ import zarr
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from tilefcn import __version__
+from tilefcn.checkpoint import cog_identity, read_journal
 from tilefcn.cluster import executor, has_gpu_workers
 from tilefcn.cog import (
     PIXEL_GEOTRANSFORM,
     CogSink,
     check_geotiff_dtype,
-    cog_identity,
-    gather_into,
-    read_journal,
     source_crs,
 )
+from tilefcn.gather import gather_into
 from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
 from tilefcn.identity import identity_mismatch, job_identity

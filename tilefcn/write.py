@@ -172,7 +172,7 @@ def _check_tiff_resume(p: Path) -> str:
     """``--resume`` of a GeoTIFF: ``"resume"`` with an interrupted run's checkpoint beside it
     (:func:`tilefcn.cog.read_journal`) or a tilefcn GeoTIFF there (a finished job: left as it
     is if it is this one), else ``"new"``."""
-    from tilefcn.cog import read_journal
+    from tilefcn.checkpoint import read_journal
 
     if (p.exists() or p.is_symlink()) and not is_tilefcn_output(p):
         raise ValueError(f"cannot resume {p}: not a tilefcn heatmap")
