@@ -106,8 +106,12 @@ def test_run_preview_option_and_omero_channels(slide, tmp_path) -> None:
                                       "--preview", str(png_path)])
     assert again.exit_code == 2 and "preview exists" in again.output
     assert png_path.read_bytes() == before and not (tmp_path / "t.heatmap.zarr").exists()
-    bad = CliRunner().invoke(main, [*args[:3], str(tmp_path / "x.tif"), "-q", "--preview"])
-    assert bad.exit_code == 2 and "OME-Zarr" in bad.output
+    # a GeoTIFF output of the same run gives the same preview
+    tif_png = tmp_path / "tif.png"
+    tif = CliRunner().invoke(main, [*args[:3], str(tmp_path / "s.heatmap.tif"), "-q",
+                                    "--tile", "256", "--preview", str(tif_png)])
+    assert tif.exit_code == 0, tif.output
+    np.testing.assert_array_equal(np.asarray(Image.open(tif_png).convert("RGB")), png)
     # --overwrite replaces both; PATH names the file
     named = tmp_path / "named.png"
     over = CliRunner().invoke(main, [*args, "--overwrite", "--preview", str(named)])

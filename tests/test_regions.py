@@ -161,3 +161,22 @@ def test_export_cli_refuses_bad_input_and_existing_outputs(tmp_path) -> None:
     again = CliRunner().invoke(main, ["export", str(store), "--geojson", str(out), "--overwrite",
                                       "--level", "1"])
     assert again.exit_code == 0, again.output
+
+
+def test_a_geotiff_heatmap_exports_the_regions_of_its_ome_zarr_twin(tmp_path) -> None:
+    from tilefcn.job import run
+    from tilefcn.synthetic import write_slide
+
+    slide = write_slide(tmp_path / "s.ome.tif", (512, 512), seed=2)
+    for name in ("h.zarr", "h.tif"):  # the bundled model: background, tissue and dense
+        run(slide.image, "tissue", tmp_path / name, tile=256, device="cpu")
+    zarr_export = export_geojson(tmp_path / "h.zarr", tmp_path / "z.geojson")
+    tif_export = export_geojson(tmp_path / "h.tif", tmp_path / "t.geojson")
+    assert sum(tif_export.polygons.values()) > 3
+    assert tif_export.polygons == zarr_export.polygons
+    assert _features(tmp_path / "t.geojson") == _features(tmp_path / "z.geojson")
+    with pytest.raises(ValueError, match=r"--level 1 is not in the heatmap \(levels 0..0\)"):
+        export_geojson(tmp_path / "h.tif", tmp_path / "t1.geojson", level=1)  # no overviews
+    (tmp_path / "x.tif").write_bytes(b"not a tiff")
+    with pytest.raises(ValueError, match="not a tilefcn GeoTIFF heatmap"):
+        export_geojson(tmp_path / "x.tif", tmp_path / "x.geojson")

@@ -161,7 +161,7 @@ def main(ctx: click.Context, debug: bool) -> None:
                    "its written chunks; a GeoTIFF keeps the tiles checkpointed beside it "
                    "(<out>.tiles.partial, every 30 s and when a run stops).")
 @click.option("--preview", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
-              help="Also write a PNG preview (OME-Zarr outputs): the scan's thumbnail with the "
+              help="Also write a PNG preview (OME-Zarr or GeoTIFF): the scan's thumbnail with the "
                    "argmax class colours blended in (opacity = probability), a legend of the "
                    "class names and a scale bar in µm. Alone: <out stem>.preview.png next to "
                    "the output (each scan of a cohort); or PATH (.png, one scan).")
@@ -252,8 +252,6 @@ def _preview_path(preview: str | None, out: Path | None, scan: Any,
     from tilefcn.preview import check_preview_path, default_preview_path
 
     target = Path(out) if out is not None else default_output(str(scan.info.source))
-    if target.suffix.lower() != ".zarr":
-        raise ValueError("--preview needs an OME-Zarr output (.zarr)")
     png = default_preview_path(target) if preview == "auto" else Path(preview)
     return check_preview_path(png, overwrite=replace)
 
@@ -334,7 +332,8 @@ def _describe(target: str) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace an existing GeoJSON file.")
 def export(heatmap: Path, geojson: Path, classes: tuple[str, ...], threshold: float | None,
            crs: bool, level: int, overwrite: bool) -> None:
-    """Write the class regions of a HEATMAP (OME-Zarr) as GeoJSON polygons, chunk by chunk."""
+    """Write the class regions of a HEATMAP (OME-Zarr or GeoTIFF) as GeoJSON polygons, chunk
+    by chunk."""
     from tilefcn.regions import export_geojson
 
     result = export_geojson(heatmap, geojson, classes=list(classes) or None,

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from tilefcn.geometry import Geometry
 from tilefcn.viewers import PALETTE, class_colour
@@ -193,28 +192,23 @@ def _open_source(attrs: dict) -> Any | None:
 
 def render_preview(heatmap: str | os.PathLike, *, scan: Any = None, max_side: int = MAX_SIDE,
                    opacity: float = OPACITY) -> tuple[Any, Preview]:
-    """The preview of an OME-Zarr ``heatmap`` as a PIL image and its :class:`Preview` record
+    """The preview of a ``heatmap`` (OME-Zarr or COG) as a PIL image and its :class:`Preview` record
     (``path`` empty). ``scan``: the :class:`tilefcn.read.Scan` the heatmap was computed from
     (default: reopened from the path recorded in the store; white when that fails)."""
+    from tilefcn.heatmaps import open_heatmap
     from tilefcn.read import thumbnail
     from tilefcn.write import decode_scale
 
     path = Path(heatmap)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such OME-Zarr heatmap: {path}")
     if max_side < 16:
         raise ValueError(f"max_side must be >= 16, got {max_side}")
     if not 0 < opacity <= 1:
         raise ValueError(f"opacity must be in (0, 1], got {opacity}")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs["tilefcn"])
-        paths = [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
-    except Exception as exc:  # noqa: BLE001 - any unreadable store is one line
-        raise ValueError(f"not a tilefcn OME-Zarr heatmap: {path}") from exc
+    opened = open_heatmap(path)
+    attrs, levels = opened.attrs, opened.levels
     geometry = Geometry.from_dict(attrs["geometry"])
     source = attrs.get("source") or {}
-    height, width = (int(v) for v in source.get("shape", group[paths[0]].shape[1:])[:2])
+    height, width = (int(v) for v in source.get("shape", levels[0].shape[1:])[:2])
     scan = scan if scan is not None else _open_source(attrs)
     if scan is not None:
         background = _display_rgb(thumbnail(scan, max_side))
@@ -224,8 +218,8 @@ def render_preview(heatmap: str | os.PathLike, *, scan: Any = None, max_side: in
         background = np.full((th, tw, 3), 255, dtype=np.uint8)
     th, tw = background.shape[:2]
     step = min(height / th, width / tw)
-    level = _pick_level(len(paths), min(geometry.stride), step)
-    array = group[paths[level]]
+    level = _pick_level(len(levels), min(geometry.stride), step)
+    array = levels[level]
     ky, oky = _indices(th, height, geometry.centre(0), geometry.stride[0], level, array.shape[1])
     kx, okx = _indices(tw, width, geometry.centre(1), geometry.stride[1], level, array.shape[2])
     probs = np.asarray(array[:], dtype=np.float32) / decode_scale(str(array.dtype))

@@ -1,4 +1,5 @@
-"""Class regions of an OME-Zarr heatmap as GeoJSON polygons (QuPath annotations, QGIS layers).
+"""Class regions of a heatmap (OME-Zarr or COG) as GeoJSON polygons (QuPath annotations,
+QGIS layers).
 
 A heatmap pixel belongs to class ``c`` when ``c`` is its argmax (NaN pixels belong to none),
 or, with a ``threshold`` ``t``, when ``p_c ≥ t`` (classes may then overlap). Regions are
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import zarr
 
 from tilefcn.geometry import Geometry
 from tilefcn.viewers import class_colour
@@ -55,21 +55,11 @@ class RegionExport:
 
 
 def _open_heatmap(path: Path, level: int) -> tuple[Any, dict]:
-    """Level ``level`` of a complete tilefcn OME-Zarr heatmap and its ``tilefcn`` attrs."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such heatmap: {path}")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs["tilefcn"])
-    except Exception as exc:  # noqa: BLE001 - any unreadable store is one line
-        raise ValueError(f"not a tilefcn OME-Zarr heatmap: {path}") from exc
-    if attrs.get("status") != "complete":
-        raise ValueError(f"heatmap {path} is not complete (status {attrs.get('status')!r}); "
-                         "finish it with `tilefcn run … --resume`")
-    paths = [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
-    if not 0 <= level < len(paths):
-        raise ValueError(f"--level {level} is not in the heatmap (levels 0..{len(paths) - 1})")
-    return group[paths[level]], attrs
+    """Level ``level`` of a finished heatmap (OME-Zarr or COG) and the run's attributes."""
+    from tilefcn.heatmaps import open_heatmap
+
+    heatmap = open_heatmap(path)
+    return heatmap.level(level), heatmap.attrs
 
 
 def pixel_transform(attrs: dict, level: int = 0, *, crs: bool = False) -> tuple[float, ...]:
@@ -251,7 +241,8 @@ def export_geojson(heatmap: str | os.PathLike, out: str | os.PathLike, *,
                    classes: list[str] | None = None, threshold: float | None = None,
                    crs: bool = False, level: int = 0, block: int | None = None,
                    overwrite: bool = False) -> RegionExport:
-    """Write the regions of ``classes`` (default: all) of an OME-Zarr ``heatmap`` to ``out``.
+    """Write the regions of ``classes`` (default: all) of a ``heatmap`` (OME-Zarr or COG,
+    :func:`tilefcn.heatmaps.open_heatmap`) to ``out``.
 
     ``threshold`` (in ``(0, 1]``): a class's region is ``p ≥ threshold``; None: its argmax
     pixels. Coordinates are level-0 scan pixels, or the scan's CRS with ``crs``. ``level``
