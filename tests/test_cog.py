@@ -187,6 +187,28 @@ def test_failed_run_keeps_the_old_output_and_resumes_from_its_checkpoint(tmp_pat
         check_output(scene, resume=True)
 
 
+def test_a_corrupt_checkpoint_is_computed_afresh(tmp_path, monkeypatch):
+    scene, _ = _scene(tmp_path / "scene.tif", shape=(64, 64), seed=4)
+    model, out, clean = padded(4, 2), tmp_path / "heat.tif", tmp_path / "clean.tif"
+    run(scene, model, clean, tile=32, device="cpu")
+    real = cog.CogSink.__call__
+
+    def failing(sink, tile, block):
+        if sink._written:
+            raise RuntimeError("worker lost")
+        return real(sink, tile, block)
+
+    monkeypatch.setattr(cog.CogSink, "__call__", failing)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(scene, model, out, tile=32, device="cpu", workers=1)
+    assert len(read_journal(out)["done"]) == 1
+    (tmp_path / "heat.tif.tiles.partial").write_bytes(b"II*\0 killed while GDAL wrote")
+    monkeypatch.setattr(cog.CogSink, "__call__", real)
+    summary = run(scene, model, out, tile=32, device="cpu", resume=True)
+    assert summary.tiles_skipped == 0
+    np.testing.assert_array_equal(_read(out), _read(clean))
+
+
 def test_failure_before_any_tile_leaves_no_partial_files(tmp_path, monkeypatch):
     scene, _ = _scene(tmp_path / "scene.tif", shape=(64, 64), seed=4)
 

@@ -44,7 +44,10 @@ def test_kill_minus_nine_at_random_moments_then_resume_equals_a_clean_run(tmp_pa
     slide = tmp_path / "slide.ome.tif"
     write_slide(slide, (2048, 2048), seed=3)
     clean = tmp_path / "clean.zarr"
-    clean_seconds = _finish(_command(slide, clean))
+    # the faster of two clean runs: a cold first process (disk cache, a busy host) can take
+    # several times as long, and kills timed by it would mostly land after the end
+    clean_seconds = min(_finish(_command(slide, clean)),
+                        _finish(_command(slide, clean, "--overwrite")))
     reference = zarr.open_group(str(clean), mode="r")
     expected = [reference[k][:] for k in sorted(reference.array_keys())]
     rng = np.random.default_rng(0)

@@ -209,12 +209,20 @@ class CogSink:
         try:
             with _quiet():
                 if record is not None:
-                    sink._dataset = rasterio.open(sink.tiles_path, "r+")
+                    try:
+                        sink._dataset = rasterio.open(sink.tiles_path, "r+")
+                        sink._dataset.read(1, window=((0, 1), (0, 1)))  # its directory
+                    except Exception:  # noqa: BLE001 - killed while GDAL wrote it: afresh
+                        if sink._dataset is not None:
+                            sink._dataset.close()
+                        sink._dataset, record = None, None
+                if record is not None:
                     check_resumable(sink._dataset, p, profile)
                     sink._resumed = frozenset(tuple(t) for t in record["done"])
                     sink._written = set(sink._resumed)
                 else:
                     journal_path(p).unlink(missing_ok=True)
+                    sink.tiles_path.unlink(missing_ok=True)  # GDAL would open a stale one
                     sink._dataset = rasterio.open(sink.tiles_path, "w", **profile)
         except BaseException:
             sink._close()
