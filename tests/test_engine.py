@@ -4,6 +4,7 @@ graph's GPU resource annotations. Exactness is always against the model on the w
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -314,9 +315,9 @@ def test_auto_leaves_out_sub_tile_edges_that_need_too_much_memory(tmp_path, monk
     monkeypatch.setenv("TILEFCN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(select, "_MEMO", {})
     monkeypatch.setattr(graph, "SUB_TILE_CANDIDATES", (32, 64, 128))
-    readings = iter(range(0, 10**6, 50))
-    monkeypatch.setattr(select, "peak_rss_mb", lambda: float(next(readings)))
-    monkeypatch.setattr(cache, "peak_rss_mb", lambda: float(next(readings)))
+    readings = itertools.count(0, 50)
+    monkeypatch.setattr(select, "rss_mb", lambda: float(next(readings)))
+    monkeypatch.setattr(cache, "rss_mb", lambda: float(next(readings)))
     monkeypatch.setattr(cache, "working_memory_mb", lambda: 1.0)
     monkeypatch.setattr(cache, "_CACHE", {})  # no engine built by an earlier test
     model = SMALL_ZOO[1](3)
@@ -329,3 +330,21 @@ def test_auto_leaves_out_sub_tile_edges_that_need_too_much_memory(tmp_path, monk
     assert "MB per thread" in choice["sub_tiles_left_out"]["64"]
     np.testing.assert_allclose(prediction.heatmap.compute(scheduler="threads"),
                                whole_image_output(model, image), atol=1e-5, rtol=0)
+
+
+def test_peak_rss_sees_growth_below_an_earlier_higher_peak():
+    """``--backend auto``'s memory check: a worker that peaked higher earlier still sees
+    what a measurement needs (``getrusage``'s peak would show no growth at all)."""
+    import resource
+
+    from tilefcn.runtime.select import PeakRss, rss_mb
+
+    earlier = np.ones(200 * 2**20 // 8)  # an earlier, higher peak, given back
+    del earlier
+    baseline, maxrss = rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakRss() as peak:
+        block = np.ones(80 * 2**20 // 8)  # 80 MB, touched
+        time.sleep(0.05)
+        del block
+    assert peak.mb - baseline > 60, (peak.mb, baseline)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss == maxrss  # no new peak

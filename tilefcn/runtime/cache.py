@@ -27,7 +27,7 @@ from tilefcn.runtime.device import (
     resolve_device,
 )
 from tilefcn.runtime.engine import DEFAULT_BATCH, DEFAULT_SUB_TILE, Engine
-from tilefcn.runtime.select import ATOL, Choice, choose_backend, peak_rss_mb
+from tilefcn.runtime.select import ATOL, Choice, choose_backend, rss_mb
 
 CACHE_MAX = 8
 
@@ -235,7 +235,7 @@ def _build(ref: ModelRef, device: torch.device) -> Engine:
     if auto:
         measured, too_large = {}, {}
         budget = working_memory_mb() / max(1, (os.cpu_count() or 1) // threads)
-        baseline = peak_rss_mb()
+        baseline = rss_mb()
         for edge in candidates:  # ascending: memory grows with the edge
             window, covered = interior_window(model.geometry, edge)
             m = choose_backend(ref.token, module, in_channels=channels, window=window,

@@ -108,14 +108,49 @@ def _save_disk(key: str, value: dict) -> None:
         pass  # a read-only home: the choice is still memoised in this process
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MB (``getrusage``; 0 where unavailable)."""
+def rss_mb() -> float:
+    """This process's resident memory now, MB (``/proc/self/statm``; where there is no
+    ``/proc``, the peak so far from ``getrusage``, 0 where neither is available)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except (ImportError, OSError):
         return 0.0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class PeakRss:
+    """``with PeakRss() as peak:`` — ``peak.mb``, the largest :func:`rss_mb` while open,
+    sampled every ``interval`` s by a thread. Unlike ``getrusage``'s peak it sees the
+    growth of a process that peaked higher earlier (a long-lived worker)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True,
+                                        name="tilefcn-rss")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.mb = max(self.mb, rss_mb())
+
+    def __enter__(self) -> PeakRss:
+        self.mb = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(self.mb, rss_mb())
 
 
 def _rate(call, pixels: int, budget: float) -> float:
@@ -142,9 +177,10 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
     ``key`` identifies the model (fingerprint/sha256). ``runners`` (backend → runner, one
     torch thread): runners built by an earlier call, reused (every backend takes
     any window size, so one ONNX export serves every sub-tile edge); new ones are added.
-    ``baseline_mb``: :func:`peak_rss_mb` before the first measurement; the peak's growth
-    since then is returned (and cached) as ``peak_mb``: what one thread running this window
-    size needs, measured edges being ascending."""
+    ``baseline_mb``: :func:`rss_mb` before the first measurement; the growth of the peak
+    sampled while this one measures (:class:`PeakRss`) over it is returned (and cached) as
+    ``peak_mb``: what one thread running this window size needs, measured edges being
+    ascending."""
     runners = {} if runners is None else runners
     cache_key = f"{key}|{machine_id()}|raw|{window[0]}x{window[1]}"  # timed from raw pixels
     with _LOCK:
@@ -155,7 +191,9 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
                           peak_mb=hit.get("peak_mb"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # measured as tasks run them: one torch thread per task
+        peak = PeakRss()
         try:
+            peak.__enter__()
             gen = torch.Generator().manual_seed(0)
             x = torch.rand(1, in_channels, *window, generator=gen)
             raw = np.random.default_rng(0).integers(0, 256, (1, *window, in_channels),
@@ -187,10 +225,11 @@ def choose_backend(key: str, module: nn.Module, *, in_channels: int,
 
                     rates[name] = round(_rate(call, out_pixels, budget or MEASURE_SECONDS), 2)
         finally:
+            peak.__exit__()
             torch.set_num_threads(threads)
         best = max(rates, key=rates.get) if rates else "torch-cl"
-        peak = None if baseline_mb is None else round(max(0.0, peak_rss_mb() - baseline_mb), 1)
-        value = {"backend": best, "rates": rates, "errors": errors, "peak_mb": peak}
+        growth = None if baseline_mb is None else round(max(0.0, peak.mb - baseline_mb), 1)
+        value = {"backend": best, "rates": rates, "errors": errors, "peak_mb": growth}
         _MEMO[cache_key] = value
         _save_disk(cache_key, value)
-        return Choice(best, rates, errors, peak_mb=peak)
+        return Choice(best, rates, errors, peak_mb=growth)
