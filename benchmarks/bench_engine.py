@@ -186,7 +186,11 @@ def child(slide: str, out: str, which: str, dtype: str, backend: str) -> None:
     summary = run(slide, model, out, overwrite=True, dtype=dtype, backend=backend,
                   device="cpu")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tilefcn.tiffwindows import SHARED_TILES  # both runs' boundary-tile lookups
+
     print(json.dumps({"mp_per_s": summary.mp_per_s, "seconds": summary.seconds,
+                      "tile_cache": {"hits": SHARED_TILES.hits,
+                                     "misses": SHARED_TILES.misses},
                       "cold_mp_per_s": cold.mp_per_s, "cold_seconds": cold.seconds,
                       "cold_seconds_with_setup": cold_total,
                       "peak_rss_mb": peak_mb, "backend": summary.backend,
@@ -300,6 +304,9 @@ def main() -> None:
           f"(cold first run {t['cold_mp_per_s']:.1f}, "
           f"{t['cold_seconds_with_setup'] - t['cold_seconds']:.1f} s setup incl. auto)  "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
+    hits, misses = t["tile_cache"]["hits"], t["tile_cache"]["misses"]
+    print(f"  its boundary-tile cache (both runs): {hits} hits, {misses} misses "
+          f"({hits / max(1, hits + misses):.0%} of lookups)")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": args.size,
               "decode_mp_per_s": decode, "decode_through_zarr_store_mp_per_s": store,
               "decode_halo56_mp_per_s": halo[True],

@@ -116,3 +116,17 @@ def test_halo_windows_reuse_their_neighbours_decoded_tiles(tmp_path, monkeypatch
         (-(-b[0].stop // 64) - b[0].start // 64) * (-(-b[1].stop // 64) - b[1].start // 64)
         for b in boxes)
     assert decoded[0] == 64  # the cache: each of the 8 × 8 tiles once
+
+
+def test_tile_cache_budget_from_the_environment(monkeypatch):
+    from tilefcn.tiffwindows import _cache_budget_mb
+
+    monkeypatch.delenv("TILEFCN_TILE_CACHE_MB", raising=False)
+    assert _cache_budget_mb() == 64
+    for value, mb in (("0", 0.0), ("256", 256.0), ("12.5", 12.5), (" ", 64.0)):
+        monkeypatch.setenv("TILEFCN_TILE_CACHE_MB", value)
+        assert _cache_budget_mb() == mb
+    for bad in ("lots", "-1", "inf"):
+        monkeypatch.setenv("TILEFCN_TILE_CACHE_MB", bad)
+        with pytest.warns(RuntimeWarning, match="TILEFCN_TILE_CACHE_MB"):
+            assert _cache_budget_mb() == 64

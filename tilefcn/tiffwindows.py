@@ -22,14 +22,35 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
 import tifffile
 
-#: Byte budget (MiB) of the process-wide cache of decoded boundary tiles.
-TILE_CACHE_MB = 64
+
+def _cache_budget_mb(default: float = 64.0) -> float:
+    """``$TILEFCN_TILE_CACHE_MB`` (MiB ≥ 0; 0 turns the cache off), else ``default``; a value
+    that is not such a number is reported once and the default used."""
+    value = os.environ.get("TILEFCN_TILE_CACHE_MB")
+    if value is None or not value.strip():
+        return default
+    try:
+        megabytes = float(value)
+        if megabytes >= 0 and math.isfinite(megabytes):
+            return megabytes
+    except ValueError:
+        pass
+    warnings.warn(f"TILEFCN_TILE_CACHE_MB={value!r} is not a number of MiB >= 0; using "
+                  f"{default:g}", RuntimeWarning, stacklevel=2)
+    return default
+
+
+#: Byte budget (MiB) of the process-wide cache of decoded boundary tiles (64, or
+#: ``$TILEFCN_TILE_CACHE_MB`` when the process starts).
+TILE_CACHE_MB = _cache_budget_mb()
 
 
 class TileCache:
