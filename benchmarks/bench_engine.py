@@ -17,6 +17,9 @@ Prints (and saves as JSON + a PNG bar chart):
   same cores, so even with nothing else costing anything a run reaches at most
   ``1 / (1 + decode / model)`` of the decode rate (the near-free models' in-memory rates are
   measured like ``tissue``'s);
+* for the stride-1 model, whose heatmap has 4 (float16) or 8 (float32) bytes per input
+  pixel: the writer alone (compression and pyramid level 1, :func:`write_rate`) and the
+  ceiling with it sharing the cores too, ``1 / (1 + decode / model + decode / write)``;
 * the peak RSS of every end-to-end run (each in a fresh process; target flat, < 1.5 GB).
 
 Each end-to-end process runs twice: the second run's rate is quoted (the steady rate a
@@ -164,12 +167,58 @@ def backend_rates(model_spec, seconds: float, names: list[str],
     return rates
 
 
-def ceiling(decode: float, model: float) -> float:
-    """The most of ``decode`` an end-to-end run can reach when decoding and the model share
-    the same cores and nothing else costs anything: both rates use every core, so a
-    megapixel costs ``1/decode + 1/model`` core-seconds per core, ratio
-    ``1 / (1 + decode / model)``."""
-    return 1.0 / (1.0 + decode / model)
+def write_rate(slide: str, workdir: Path, dtype: str, threads: int = 2,
+               chunk: int = 2048) -> float:
+    """MP/s of the writer stage alone for the near-free stride-1 model: its real output on
+    one decoded ``chunk``² window of the slide (encoded to ``dtype`` as the engine does),
+    written by ``threads`` threads through :class:`tilefcn.sinks.ZarrSink` — compression
+    plus level 1 of the pyramid — at every chunk of a slide-sized OME-Zarr on disk (levels
+    ≥ 2, built afterwards from level 1, not counted: a quarter of level 1's pixels)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from tilefcn.modelio import load_model
+    from tilefcn.plan import plan_tiles
+    from tilefcn.pyramid import create_levels, plan_levels
+    from tilefcn.read import open_scan
+    from tilefcn.runtime.scaling import scale_batch
+    from tilefcn.sinks import ZarrSink
+    from tilefcn.write import create_ome_zarr, encode_block, open_for_writing
+
+    scan = open_scan(slide)
+    h, w, _ = scan.info.shape
+    model = load_model(near_free(1))
+    pixels = np.asarray(scan.reader[(slice(0, chunk), slice(0, chunk))])[None]
+    with torch.inference_mode():
+        block = model.module(torch.from_numpy(scale_batch(pixels, model.scaling)))[0]
+    block = encode_block(block.numpy(), dtype)
+    plan = plan_tiles(model.geometry, (h, w), (h, w), chunk)
+    out = workdir / f"write-{dtype}.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    array = create_ome_zarr(out, shape=(block.shape[0], h, w), chunks=(chunk, chunk),
+                            scale=(1.0, 1.0), translation=(0.0, 0.0), unit=None, attrs={},
+                            dtype=dtype)
+    levels = plan_levels(array.shape, (chunk, chunk), half_first=True)
+    create_levels(out, levels, dtype)
+    sink = ZarrSink(array, dtype, open_for_writing(out, "1"))
+    tiles = plan.tiles()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: sink(t, block[:, :t.y.out_len, :t.x.out_len]), tiles))
+    rate = h * w / 1e6 / (time.perf_counter() - start)
+    shutil.rmtree(out, ignore_errors=True)
+    return rate
+
+
+def ceiling(decode: float, model: float, write: float | None = None) -> float:
+    """The most of ``decode`` an end-to-end run can reach when decoding and the model (and,
+    given its rate, the writer) share the same cores and nothing else costs anything: each
+    rate uses every core, so a megapixel costs ``1/decode + 1/model (+ 1/write)`` seconds,
+    ratio ``1 / (1 + decode / model (+ decode / write))``."""
+    return 1.0 / (1.0 + decode / model + (decode / write if write else 0.0))
 
 
 def child(slide: str, out: str, which: str, dtype: str, backend: str) -> None:
@@ -278,8 +327,12 @@ def main() -> None:
     best = max(r["mp_per_s"] for r in rates.values())
     free = {stride: max(r["mp_per_s"] for r in backend_rates(
         near_free(stride), args.seconds / 2, names[:3]).values()) for stride in (8, 1)}
+    writes = {dtype: max(write_rate(str(slide), workdir, dtype) for _ in range(2))
+              for dtype in ("float16", "float32")}
     ceilings = {"stride8": ceiling(decode, free[8]), "stride1-float16": ceiling(decode, free[1]),
                 "stride1-float32": ceiling(decode, free[1])}
+    with_writer = {f"stride1-{dtype}": ceiling(decode, free[1], rate)
+                   for dtype, rate in writes.items()}
     for key, target in [("stride8", 0.9), ("stride1-float16", 0.5), ("stride1-float32", None)]:
         r = runs[key]
         print(f"end to end, near-free {key:16s}    {r['mp_per_s']:7.1f} MP/s  "
@@ -292,6 +345,12 @@ def main() -> None:
         print(f"  near-free stride-{stride} model in memory: {free[stride]:7.1f} MP/s → ceiling "
               f"{ceilings[key]:.2f} of decode with decode and model sharing these cores "
               f"(reached {runs[key]['mp_per_s'] / decode / ceilings[key]:.2f} of it)")
+    for dtype, rate in writes.items():
+        key = f"stride1-{dtype}"
+        reached = runs[key]["mp_per_s"] / decode / with_writer[key]
+        print(f"  its writer alone ({dtype}: compression + pyramid level 1, 2 threads): "
+              f"{rate:7.1f} MP/s → ceiling {with_writer[key]:.2f} of decode with the writer "
+              f"sharing the cores too (reached {reached:.2f} of it)")
     for name, r in rates.items():
         edges = ", ".join(f"{e}: {v:.1f}" for e, v in r["by_sub_tile"].items())
         print(f"tissue in memory, {name:12s}               {r['mp_per_s']:7.1f} MP/s  "
@@ -314,6 +373,8 @@ def main() -> None:
               "end_to_end": runs, "tissue_backends": rates,
               "near_free_in_memory_mp_per_s": {f"stride{k}": v for k, v in free.items()},
               "ceilings_vs_decode": ceilings,
+              "stride1_writer_mp_per_s": writes,
+              "stride1_ceilings_with_writer_vs_decode": with_writer,
               "tissue_ceiling_vs_best_backend": ceiling(best, decode),
               "ratios": {"stride8_vs_decode": runs["stride8"]["mp_per_s"] / decode,
                          "stride1_float16_vs_decode":
