@@ -239,7 +239,8 @@ def child(slide: str, out: str, which: str, dtype: str, backend: str) -> None:
 
     print(json.dumps({"mp_per_s": summary.mp_per_s, "seconds": summary.seconds,
                       "tile_cache": {"hits": SHARED_TILES.hits,
-                                     "misses": SHARED_TILES.misses},
+                                     "misses": SHARED_TILES.misses,
+                                     "waits": SHARED_TILES.waits},
                       "cold_mp_per_s": cold.mp_per_s, "cold_seconds": cold.seconds,
                       "cold_seconds_with_setup": cold_total,
                       "peak_rss_mb": peak_mb, "backend": summary.backend,
@@ -364,8 +365,10 @@ def main() -> None:
           f"{t['cold_seconds_with_setup'] - t['cold_seconds']:.1f} s setup incl. auto)  "
           f"peak RSS {t['peak_rss_mb']:.0f} MB")
     hits, misses = t["tile_cache"]["hits"], t["tile_cache"]["misses"]
+    waits = t["tile_cache"].get("waits", 0)
     print(f"  its boundary-tile cache (both runs): {hits} hits, {misses} misses "
-          f"({hits / max(1, hits + misses):.0%} of lookups)")
+          f"({hits / max(1, hits + misses):.0%} of lookups), {waits} waits for a tile "
+          f"another thread was decoding")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": args.size,
               "decode_mp_per_s": decode, "decode_through_zarr_store_mp_per_s": store,
               "decode_halo56_mp_per_s": halo[True],

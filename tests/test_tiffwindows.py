@@ -130,3 +130,62 @@ def test_tile_cache_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("TILEFCN_TILE_CACHE_MB", bad)
         with pytest.warns(RuntimeWarning, match="TILEFCN_TILE_CACHE_MB"):
             assert _cache_budget_mb() == 64
+
+
+def test_windows_read_at_once_decode_each_shared_tile_once(tmp_path, monkeypatch):
+    """All halo'd windows of a chunk grid read at the same moment (one thread each, decodes
+    slowed so they overlap): a boundary tile two windows need is decoded by the first and
+    waited for by the other, and every window equals tifffile's whole-image read."""
+    import threading
+    import time
+
+    import tilefcn.tiffwindows as tw
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
+                     tile=(64, 64), photometric="rgb", compression="jpeg")
+    image = tifffile.imread(path)
+    boxes = [(slice(max(0, y - 9), min(512, y + 128 + 9)),
+              slice(max(0, x - 9), min(512, x + 128 + 9)))
+             for y in range(0, 512, 128) for x in range(0, 512, 128)]
+    with tifffile.TiffFile(path) as tif:
+        windows = tw.TileWindows(tif.pages[0], cache=tw.TileCache(64))
+        calls: list[int] = []
+        decode = windows.page.decode
+
+        def slow(*args, **kwargs):
+            calls.append(args[1])
+            time.sleep(0.02)
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(windows.page, "decode", slow, raising=False)
+        start = threading.Barrier(len(boxes))
+
+        def read(box):
+            start.wait(timeout=30)
+            return windows.read(*box)
+
+        with ThreadPoolExecutor(len(boxes)) as pool:
+            results = list(pool.map(read, boxes))
+    for (ys, xs), got in zip(boxes, results, strict=True):
+        np.testing.assert_array_equal(got, image[ys, xs])
+    assert sorted(calls) == list(range(64))  # each of the 8 × 8 tiles once
+    assert windows.cache.waits > 0  # the reads did overlap
+
+
+def test_a_claim_frees_its_waiters_when_released_and_cache_off_claims_nothing():
+    from tilefcn.tiffwindows import TileCache
+
+    cache = TileCache(1)
+    assert cache.claim("a") == (None, None)  # ours to decode
+    tile, event = cache.claim("a")
+    assert tile is None and not event.is_set()  # another thread decodes it: wait
+    cache.release("a")  # decoding failed (or the tile was empty): waiters go on
+    assert event.is_set() and cache.get("a") is None
+    assert cache.claim("a") == (None, None)
+    cache.put("a", np.zeros(8, np.uint8))  # put ends the claim too
+    got, event = cache.claim("a")
+    assert event is None and got is not None
+    off = TileCache(0)
+    assert off.claim("b") == (None, None) and off.claim("b") == (None, None)  # no waits

@@ -13,8 +13,8 @@ A halo'd window decodes whole tiles of its neighbours' cores: ``tissue``'s 56-px
 (over an 8192² slide: 1.20 decodes per tile). The tiles a neighbouring window may read
 again — on an axis where the window ends inside a tile, the two outer tile rows / columns on
 each side that is not the image's border — are kept decoded in one bounded, process-wide
-LRU (:class:`TileCache`, :data:`TILE_CACHE_MB`): 1.08–1.09 decodes per tile there (neighbours
-read at the same moment still both decode).
+LRU (:class:`TileCache`, :data:`TILE_CACHE_MB`): 1.08–1.09 decodes per tile there; a tile
+that two windows read at the same moment is decoded by the first and waited for by the other.
 """
 
 from __future__ import annotations
@@ -54,34 +54,64 @@ TILE_CACHE_MB = _cache_budget_mb()
 
 
 class TileCache:
-    """A thread-safe LRU of decoded tiles, bounded in bytes: ``get(key)`` / ``put(key, a)``."""
+    """A thread-safe LRU of decoded tiles, bounded in bytes: ``get(key)`` / ``put(key, a)``,
+    and ``claim(key)`` so that threads reading the same tile at once decode it once: the
+    first claims it (decodes, then ``put`` or ``release``), the others get an event to
+    wait on once their own tiles are done (waits never hold a claim: no cycles)."""
 
     def __init__(self, megabytes: float) -> None:
         self.budget = int(megabytes * 2**20)
-        self.used = self.hits = self.misses = 0
+        self.used = self.hits = self.misses = self.waits = 0
         self._tiles: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
+        self._pending: dict[Any, threading.Event] = {}
         self._lock = threading.Lock()
+
+    def _hit(self, key: Any) -> np.ndarray | None:
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+            self.hits += 1
+        return tile
 
     def get(self, key: Any) -> np.ndarray | None:
         with self._lock:
-            tile = self._tiles.get(key)
-            if tile is None:
-                self.misses += 1
-                return None
-            self._tiles.move_to_end(key)
-            self.hits += 1
+            tile = self._hit(key)
+            self.misses += tile is None
             return tile
 
-    def put(self, key: Any, tile: np.ndarray) -> None:
-        if tile.nbytes > self.budget:
-            return
-        tile.flags.writeable = False  # shared by every window that reads it
+    def claim(self, key: Any) -> tuple[np.ndarray | None, threading.Event | None]:
+        """``(tile, None)`` if cached; ``(None, event)`` if another thread is decoding it
+        (wait, then ``get``); ``(None, None)``: decode it, then ``put`` or ``release``."""
         with self._lock:
-            old = self._tiles.pop(key, None)
-            self.used += tile.nbytes - (0 if old is None else old.nbytes)
-            self._tiles[key] = tile
-            while self.used > self.budget:
-                self.used -= self._tiles.popitem(last=False)[1].nbytes
+            tile = self._hit(key)
+            if tile is not None:
+                return tile, None
+            event = self._pending.get(key)
+            if event is not None:
+                self.waits += 1
+                return None, event
+            self.misses += 1
+            if self.budget > 0:
+                self._pending[key] = threading.Event()
+            return None, None
+
+    def release(self, key: Any) -> None:
+        """End a claim (no-op when none): threads waiting for ``key`` go on."""
+        with self._lock:
+            event = self._pending.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def put(self, key: Any, tile: np.ndarray) -> None:
+        if tile.nbytes <= self.budget:
+            tile.flags.writeable = False  # shared by every window that reads it
+            with self._lock:
+                old = self._tiles.pop(key, None)
+                self.used += tile.nbytes - (0 if old is None else old.nbytes)
+                self._tiles[key] = tile
+                while self.used > self.budget:
+                    self.used -= self._tiles.popitem(last=False)[1].nbytes
+        self.release(key)
 
     def __len__(self) -> int:
         return len(self._tiles)
@@ -158,23 +188,42 @@ class TileWindows:
             sx0, sx1 = max(x0, tx), min(x1, tx + tile.shape[1])
             out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
 
+        def decode(indices: list[int]) -> None:
+            offsets = [page.dataoffsets[i] for i in indices]
+            counts = [page.databytecounts[i] for i in indices]
+            for data, i in fh.read_segments(offsets, counts, indices=indices, lock=self.lock):
+                tile = page.decode(data, i, jpegtables=page.jpegtables,
+                                   jpegheader=page.jpegheader)[0]
+                if tile is None:  # an empty tile: the fill value, zero
+                    continue
+                tile = tile.reshape(tile.shape[-3:])  # (th, tw, S)
+                place(i, tile)
+                if i in shared:
+                    self.cache.put((self.key, i), tile)
+
         shared = {i for i in index if i // across in rows or i % across in cols}
-        missing = []
-        for i in index:
-            tile = self.cache.get((self.key, i)) if i in shared else None
-            if tile is None:
+        missing, claimed, waiting = [], [], []
+        try:
+            for i in index:
+                if i in shared:
+                    tile, event = self.cache.claim((self.key, i))
+                    if tile is not None:
+                        place(i, tile)
+                        continue
+                    if event is not None:
+                        waiting.append((i, event))
+                        continue
+                    claimed.append(i)
                 missing.append(i)
+            decode(missing)
+        finally:
+            for i in claimed:  # no-op for those put; frees waiters if decoding failed
+                self.cache.release((self.key, i))
+        for i, event in waiting:  # decoded by another thread meanwhile (or, failing, here)
+            event.wait(60.0)
+            tile = self.cache.get((self.key, i))
+            if tile is None:
+                decode([i])
             else:
                 place(i, tile)
-        offsets = [page.dataoffsets[i] for i in missing]
-        counts = [page.databytecounts[i] for i in missing]
-        for data, i in fh.read_segments(offsets, counts, indices=missing, lock=self.lock):
-            tile = page.decode(data, i, jpegtables=page.jpegtables,
-                               jpegheader=page.jpegheader)[0]
-            if tile is None:  # an empty tile: the fill value, zero
-                continue
-            tile = tile.reshape(tile.shape[-3:])  # (th, tw, S)
-            place(i, tile)
-            if i in shared:
-                self.cache.put((self.key, i), tile)
         return out
