@@ -25,9 +25,10 @@ area): for a scan geotransform ``(a, b, c, d, e, f)`` and a model of stride ``s`
 receptive field ``r`` (per axis), heatmap pixel ``(i, j)`` covers scan pixels starting at
 ``row = t_y + s_y·i``, ``col = t_x + s_x·j`` with ``t = o + (r - s)/2``, so the heatmap's
 geotransform is ``(a + b·t_x + c·t_y, b·s_x, c·s_y, d + e·t_x + f·t_y, e·s_x, f·s_y)``
-(rotation terms kept; :func:`tilefcn.job.heatmap_geotransform`). The CRS is the input's own
-(WKT, so any CRS, EPSG code or not). A scan without georeference gets a COG without CRS whose
-transform maps heatmap pixels onto scan pixels (``a = d = 0``, ``b = f = 1``).
+(rotation terms kept; :func:`tilefcn.heatmap_coords.heatmap_geotransform`). The CRS is the
+input's own (WKT, so any CRS, EPSG code or not). A scan without georeference gets a COG
+without CRS whose transform maps heatmap pixels onto scan pixels (``a = d = 0``,
+``b = f = 1``).
 """
 
 from __future__ import annotations

@@ -31,11 +31,11 @@ from tilefcn.cog import (
     source_crs,
 )
 from tilefcn.gather import gather_into
-from tilefcn.geometry import Geometry
 from tilefcn.graph import Prediction, plan_prediction
+from tilefcn.heatmap_coords import heatmap_geotransform, heatmap_transform
 from tilefcn.identity import identity_mismatch, job_identity
 from tilefcn.pyramid import create_levels, plan_levels, pyramid_layer
-from tilefcn.read import Scan, ScanInfo
+from tilefcn.read import Scan
 from tilefcn.scanmeta import ResolutionWarning, describe_resolution, mpp_mismatch
 from tilefcn.sinks import ZarrSink
 from tilefcn.write import (
@@ -76,31 +76,6 @@ def default_output(source: str) -> Path:
     path = Path(source)
     stem = path.name.split(".")[0] or path.stem
     return path.with_name(f"{stem}.heatmap.zarr")
-
-
-def heatmap_transform(geometry: Geometry, axis: int) -> tuple[float, float]:
-    """Scale and translation from heatmap pixel index to scan pixel-centre coordinates.
-
-    Output ``i`` sees input rows ``[o + s·i, o + s·i + r)``, centred on ``o + s·i + (r-1)/2``:
-    scale ``s``, translation ``o + (r - 1)/2`` (scan pixels; × µm/px for physical units).
-    """
-    return float(geometry.stride[axis]), geometry.centre(axis)
-
-
-def heatmap_geotransform(info: ScanInfo, geometry: Geometry,
-                         scan: tuple[float, ...] | None = None) -> tuple[float, ...] | None:
-    """GDAL geotransform of the heatmap (pixel-is-area) from the scan's ``(a, b, c, d, e, f)``
-    (``scan``, default ``info.geotransform``; ``X = a + b·col + c·row``, ``Y = d + e·col +
-    f·row``): heatmap pixel ``(i, j)`` spans scan area rows ``[t_y + s_y·i, … + s_y)``, columns
-    ``[t_x + s_x·j, … + s_x)`` with ``t = o + r/2 - s/2`` (the receptive field's centre ±
-    s/2), so it is ``(a + b·t_x + c·t_y, b·s_x, c·s_y, d + e·t_x + f·t_y, e·s_x, f·s_y)``."""
-    scan = info.geotransform if scan is None else scan
-    if scan is None:
-        return None
-    a, b, c, d, e, f = (float(v) for v in scan)
-    (sy, ty), (sx, tx) = heatmap_transform(geometry, 0), heatmap_transform(geometry, 1)
-    left, top = tx + 0.5 - sx / 2, ty + 0.5 - sy / 2
-    return (a + b * left + c * top, b * sx, c * sy, d + e * left + f * top, e * sx, f * sy)
 
 
 def _attrs(prediction: Prediction, options: dict | None = None) -> dict[str, Any]:

@@ -17,9 +17,10 @@ seams comes out as one polygon (holes kept).
 Coordinates (pixel ``k`` covers ``[k, k+1)``): heatmap pixel-corner ``u`` of pyramid level
 ``L`` is heatmap level-0 corner ``2^L·u``, which is scan corner
 ``x = o + (r - s)/2 + s·2^L·u`` at the run's scan level (``o + (r-1)/2 + 0.5`` is the
-receptive field's centre, ``± s/2`` the pixel's extent; :func:`tilefcn.job.heatmap_transform`),
-and level-0 scan pixel ``d·k·x`` for the level's downsample ``d`` and the area-averaging
-factor ``k`` of an ``--mpp`` between levels (QuPath's image coordinates).
+receptive field's centre, ``± s/2`` the pixel's extent;
+:func:`tilefcn.heatmap_coords.heatmap_transform`), and level-0 scan pixel ``d·k·x`` for the
+level's downsample ``d`` and the area-averaging factor ``k`` of an ``--mpp`` between levels
+(QuPath's image coordinates).
 With ``crs`` the scan coordinates go through the scan's geotransform instead
 (``X = x0 + pw·x + rx·y``, ``Y = y0 + ry·x + ph·y``) and the file gets a ``crs`` member.
 """
