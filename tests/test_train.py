@@ -16,18 +16,16 @@ import tilefcn.modelio
 import tilefcn.models
 from tilefcn.cli import main
 from tilefcn.modelio import load_model
-from tilefcn.runtime.scaling import scale_input
-from tilefcn.synthetic import SCENE_CLASSES, SLIDE_CLASSES, write_slide
-from tilefcn.train import (
-    augment,
+from tilefcn.patch_sampling import (
     balanced_choice,
-    centre_accuracy,
     centre_bounds,
     split_indices,
-    train,
     window_candidates,
     window_grid,
 )
+from tilefcn.runtime.scaling import scale_input
+from tilefcn.synthetic import SCENE_CLASSES, SLIDE_CLASSES, write_slide
+from tilefcn.train import augment, centre_accuracy, train
 
 TINY = {"epochs": 2, "samples_per_class": 200, "progress": False}
 
