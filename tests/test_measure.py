@@ -333,10 +333,10 @@ def test_unet_alignment_is_needed():
 
 
 def test_verify_catches_analysis_bugs(monkeypatch):
-    import tilefcn.measure.aten as aten
+    import tilefcn.measure.spatial_ops as ops  # where convolutions' back-maps are built
 
-    window = aten.window
-    monkeypatch.setattr(aten, "window", lambda k, s, p, d: window(max(1, k - 1), s, p, d))
+    window = ops.window
+    monkeypatch.setattr(ops, "window", lambda k, s, p, d: window(max(1, k - 1), s, p, d))
     model = nn.Conv2d(3, 4, 3, padding=1)
     assert measure_geometry(model, verify=False).receptive_field == (2, 2)  # the planted bug
     with pytest.raises(ValueError, match="bug in tilefcn"):
