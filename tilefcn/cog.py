@@ -33,13 +33,11 @@ without CRS whose transform maps heatmap pixels onto scan pixels (``a = d = 0``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from tilefcn.checkpoint import check_resumable, journal_path, read_journal, write_journal
+from tilefcn.crs import quiet_rasterio, rasterio_crs, source_crs
 from tilefcn.identity import identity_mismatch
 from tilefcn.plan import Tile
 from tilefcn.write import encode_block
@@ -84,45 +83,6 @@ def check_geotiff_dtype(dtype: str) -> str:
         raise ValueError(f"--dtype {dtype} is for OME-Zarr outputs; GeoTIFFs are "
                          f"{' or '.join(GEOTIFF_DTYPES)} (GDAL here has no float16)")
     return dtype
-
-
-def source_crs(source: str | os.PathLike | None, fallback: str | None) -> str | None:
-    """The CRS of a georeferenced input file as WKT (as GDAL reads it, EPSG or not), else
-    ``fallback`` (e.g. ``ScanInfo.crs``); None when neither knows one."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    if source is not None and Path(source).is_file():
-        try:
-            with _quiet(), rasterio.open(source) as src:
-                if src.crs is not None:
-                    return src.crs.to_wkt()
-        except RasterioError:
-            pass
-    return fallback
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Hide rasterio's NotGeoreferencedWarning (a plain slide heatmap has no CRS)."""
-    from rasterio.errors import NotGeoreferencedWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        yield
-
-
-def _crs(crs: str | None) -> Any:
-    """``crs`` (WKT, ``EPSG:n``, PROJ string, …) as a rasterio CRS; ``ValueError`` if invalid."""
-    from rasterio.crs import CRS
-    from rasterio.errors import CRSError
-
-    if crs is None:
-        return None
-    try:
-        return CRS.from_user_input(crs)
-    except CRSError as exc:
-        raise ValueError(f"not a coordinate reference system: {crs!r} ({exc})") from None
 
 
 def _block_edge(chunks: tuple[int, int]) -> int:
@@ -189,7 +149,7 @@ class CogSink:
             raise ValueError(f"heatmap must be (C, H, W), got shape {shape}")
         if geotransform is not None and len(geotransform) != 6:
             raise ValueError(f"geotransform must have 6 numbers, got {geotransform!r}")
-        rio_crs = _crs(crs)
+        rio_crs = rasterio_crs(crs)
         edge = _block_edge(chunks)
         profile = {"driver": "GTiff", "width": w, "height": h, "count": c, "dtype": dtype,
                    "nodata": float("nan") if dtype == "float32" else None, "tiled": True,
@@ -208,7 +168,7 @@ class CogSink:
         sink._env = rasterio.Env(GDAL_CACHEMAX=CACHE_MB)
         sink._env.__enter__()
         try:
-            with _quiet():
+            with quiet_rasterio():
                 if record is not None:
                     try:
                         sink._dataset = rasterio.open(sink.tiles_path, "r+")
@@ -272,7 +232,7 @@ class CogSink:
         self._dataset.close()
         self._dataset = None
         self._write_journal()
-        with _quiet():
+        with quiet_rasterio():
             self._dataset = rasterio.open(self.tiles_path, "r+")
         self._checkpoint_at = time.monotonic() + CHECKPOINT_S
 
@@ -314,7 +274,7 @@ class CogSink:
         try:
             self._close()
             compress = self.options["compress"]
-            with _quiet(), rasterio.Env(GDAL_NUM_THREADS="1", GDAL_CACHEMAX=CACHE_MB):
+            with quiet_rasterio(), rasterio.Env(GDAL_NUM_THREADS="1", GDAL_CACHEMAX=CACHE_MB):
                 rasterio.shutil.copy(
                     self.tiles_path, self.partial_path, driver="COG",
                     compress=compress.upper(),
