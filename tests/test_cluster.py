@@ -85,3 +85,45 @@ def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tmp_path, mon
     assert result.output.startswith("Error: cannot reach the dask scheduler")
     assert "Traceback" not in result.output
     assert not (tmp_path / "scan.heatmap.zarr").exists()  # connected before writing
+
+
+def test_geotiff_run_on_a_real_cluster_resumes_from_its_checkpoint(cluster, tmp_path,
+                                                                    monkeypatch):
+    """A GeoTIFF run on the cluster that fails part-way keeps its checkpointed tiles; the
+    resumed run on the cluster computes only the others and equals the whole-image model."""
+    import rasterio
+
+    from tilefcn import cog
+    from tilefcn.checkpoint import read_journal
+    from tilefcn.job import run
+
+    model = dilated(3)
+    pt2 = save_exported(tmp_path / "dilated.pt2", load_model(model))
+    image = random_image(np.random.default_rng(5), (200, 150), 3, "uint8")
+    path, out = tmp_path / "scan.tif", tmp_path / "heat.tif"
+    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb")
+    real, calls = cog.CogSink.__call__, []
+
+    def failing(sink, tile, block):  # the client's writer, fed by the workers
+        calls.append(tile.index)
+        if len(calls) > 3:
+            raise RuntimeError("client lost its disk")
+        return real(sink, tile, block)
+
+    monkeypatch.setattr(cog.CogSink, "__call__", failing)
+    with pytest.raises(RuntimeError, match="client lost its disk"):
+        run(path, str(pt2), out, tile=64, scheduler=str(cluster))
+    done = {tuple(t) for t in read_journal(out)["done"]}
+    assert len(done) == 3 and not out.exists()
+
+    written = []
+    monkeypatch.setattr(cog.CogSink, "__call__",
+                        lambda sink, tile, block: (written.append(tile.index),
+                                                   real(sink, tile, block))[1])
+    summary = run(path, str(pt2), out, tile=64, scheduler=str(cluster), resume=True)
+    assert summary.tiles_skipped == 3 and len(written) == summary.tiles - 3
+    assert done.isdisjoint(written)  # the checkpointed tiles were not computed again
+    with rasterio.open(out) as src:
+        got = src.read()
+    np.testing.assert_allclose(got, whole_image_output(model, image), rtol=0, atol=1e-5)
+    assert read_journal(out) is None  # finished: no checkpoint left
