@@ -127,3 +127,63 @@ def test_geotiff_run_on_a_real_cluster_resumes_from_its_checkpoint(cluster, tmp_
         got = src.read()
     np.testing.assert_allclose(got, whole_image_output(model, image), rtol=0, atol=1e-5)
     assert read_journal(out) is None  # finished: no checkpoint left
+
+
+KILLED_CLUSTER_RUN = """
+import os, signal, sys
+from tilefcn import cog
+from tilefcn.job import run
+cog.CHECKPOINT_S = 0.0  # a checkpoint after every tile
+real, calls = cog.CogSink.__call__, []
+def dying(sink, tile, block):  # the client's writer, fed by the workers
+    calls.append(tile)
+    if len(calls) > 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 would, other groups in flight
+    return real(sink, tile, block)
+cog.CogSink.__call__ = dying
+run(sys.argv[1], sys.argv[2], sys.argv[3], tile=64, scheduler=sys.argv[4])
+"""
+
+
+def test_geotiff_client_killed_on_a_real_cluster_resumes_from_its_last_checkpoint(
+        cluster, tmp_path, monkeypatch):
+    """kill -9 of the client of a GeoTIFF run on the cluster (periodic checkpoints, no
+    abort): the resumed run on the same cluster computes only the tiles not checkpointed
+    and equals the whole-image model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rasterio
+
+    from tilefcn import cog
+    from tilefcn.checkpoint import read_journal
+    from tilefcn.job import run
+
+    model = dilated(3)
+    pt2 = save_exported(tmp_path / "dilated.pt2", load_model(model))
+    image = random_image(np.random.default_rng(6), (200, 150), 3, "uint8")
+    path, out = tmp_path / "scan.tif", tmp_path / "heat.tif"
+    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_CLUSTER_RUN, str(path), str(pt2),
+                           str(out), str(cluster)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    done = {tuple(t) for t in read_journal(out)["done"]}
+    assert len(done) == 3 and not out.exists()
+
+    real, written = cog.CogSink.__call__, []
+    monkeypatch.setattr(cog.CogSink, "__call__",
+                        lambda sink, tile, block: (written.append(tile.index),
+                                                   real(sink, tile, block))[1])
+    summary = run(path, str(pt2), out, tile=64, scheduler=str(cluster), resume=True)
+    assert summary.tiles_skipped == 3 and len(written) == summary.tiles - 3
+    assert done.isdisjoint(written)  # the checkpointed tiles were not computed again
+    with rasterio.open(out) as src:
+        got = src.read()
+    np.testing.assert_allclose(got, whole_image_output(model, image), rtol=0, atol=1e-5)
+    assert read_journal(out) is None

@@ -324,7 +324,7 @@ class CogSink:
 
     def __reduce__(self) -> Any:
         raise TypeError("a CogSink writes from the process that opened it; gather blocks "
-                        "to it (tilefcn.cog.gather_into) instead of sending it to workers")
+                        "to it (tilefcn.gather.gather_into) instead of sending it to workers")
 
 
 def write_geotiff(path: str | os.PathLike, heatmap: Any, *,
