@@ -348,3 +348,74 @@ def test_peak_rss_sees_growth_below_an_earlier_higher_peak():
         del block
     assert peak.mb - baseline > 60, (peak.mb, baseline)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss == maxrss  # no new peak
+
+
+class StagedLane:
+    """A device lane's contract on the CPU (what :class:`~tilefcn.runtime.device.CudaLane`
+    does with pinned memory and events): raw pixels go up as a copy and are scaled "there";
+    results come down into buffers of their own and are handed back only on ``fetch``."""
+
+    on_host = False
+
+    def __init__(self) -> None:
+        self.uploaded: list = []
+        self.in_flight = 0
+
+    def upload(self, batch: np.ndarray) -> torch.Tensor:
+        self.uploaded.append(batch.dtype)
+        return torch.from_numpy(np.array(batch))  # a copy, as a transfer is
+
+    def stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def download(self, result: torch.Tensor) -> object:
+        self.in_flight += 1
+        return result.clone(), "event"
+
+    def fetch(self, handle: object) -> np.ndarray:
+        self.in_flight -= 1
+        host, event = handle
+        assert event == "event"
+        return host.numpy()
+
+
+@pytest.mark.parametrize("build", SMALL_ZOO, ids=[b.__name__ for b in SMALL_ZOO])
+@pytest.mark.parametrize("pixels,batch", [("uint8", 4), ("uint16", 1), ("float16", 3)])
+def test_the_device_lane_path_scales_on_the_device_and_equals_the_whole_image(
+        build, pixels, batch, monkeypatch):
+    """The engine as it runs on a GPU (raw pixels up, scaling, crop and encoding on the
+    device, downloads fetched after the batch loop), with a CPU stand-in for the lane."""
+    from tilefcn.runtime import engine as engine_module
+
+    lane = StagedLane()
+    monkeypatch.setattr(engine_module, "lane_for", lambda device: lane)
+    model = build(3)
+    rng = np.random.default_rng(8)
+    image = rng.random((150, 181, 3)).astype(np.float16) if pixels == "float16" else \
+        random_image(rng, (150, 181), 3, pixels)
+    heatmap = tilefcn.predict(image, model, tile=96, sub_tile=32, device="cpu",
+                              backend="torch", batch=batch).compute(scheduler="threads")
+    np.testing.assert_allclose(heatmap, whole_image_output(model, image), rtol=0, atol=1e-5)
+    # raw pixels went up (scaled there), except float16, which torch scales from float32
+    assert set(lane.uploaded) == ({np.dtype(pixels)} if pixels != "float16"
+                                  else {np.dtype(np.float32)})
+    assert lane.in_flight == 0  # every download was fetched
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "uint8"])
+def test_the_device_lane_path_encodes_as_the_host_does(out_dtype, monkeypatch):
+    from tilefcn.runtime import engine as engine_module
+    from tilefcn.write import encode_block
+
+    model = SMALL_ZOO[0](3)
+    image = random_image(np.random.default_rng(9), (130, 140), 3, "uint8")
+    plan = _plan(model, image, 160)
+    (tile,) = plan.tiles()
+    engine = _engine(model, backend="torch", batch=2)
+    on_host = engine.run_tile(image[tile.read], tile.y, tile.x, plan.image_shape, 32)
+    monkeypatch.setattr(engine_module, "lane_for", lambda device: StagedLane())
+    staged = engine.run_tile(image[tile.read], tile.y, tile.x, plan.image_shape, 32, out_dtype)
+    assert staged.dtype == np.dtype(out_dtype)
+    np.testing.assert_array_equal(staged, encode_block(on_host, out_dtype))

@@ -3,7 +3,9 @@ precision, and the host ↔ device transfer seam.
 
 Everything CUDA-specific lives in :class:`CudaLane` and :func:`exact_math`; the CPU path uses
 :class:`HostLane`, which has the same methods, so the engine around them is the same code on
-both and is exercised by the CPU tests. The CUDA lines are only run on machines with a GPU.
+both and is exercised by the CPU tests. The engine's device-side branch (raw pixels up, scaled
+there; ``on_host = False``) runs in the CPU tests through a stand-in lane with CudaLane's
+contract. The CUDA lines themselves are only run on machines with a GPU.
 """
 
 from __future__ import annotations
@@ -73,9 +75,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 class HostLane:
-    """CPU transfers: zero-copy views; ``fetch`` returns the numpy result."""
+    """CPU transfers: zero-copy views; ``fetch`` returns the numpy result.
+
+    ``on_host``: the engine scales raw pixels on the host (one numpy pass) before ``upload``;
+    a device lane (``on_host = False``) is handed raw pixels and they are scaled there.
+    """
 
     device = torch.device("cpu")
+    on_host = True
 
     def upload(self, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(batch)
@@ -94,6 +101,8 @@ class HostLane:
 class CudaLane:  # GPU only: not run by the CPU tests
     """One per worker thread: its own CUDA stream, uploads of uint8 batches from pinned host
     memory (non-blocking), downloads into pinned buffers, synchronised by events."""
+
+    on_host = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -62,19 +62,19 @@ class Engine:
         return [items[i:i + self.batch] for items in groups.values()
                 for i in range(0, len(items), self.batch)]
 
-    def _prepare(self, stack: np.ndarray) -> torch.Tensor:
-        """Raw ``(B, h, w, C)`` pixels → scaled float32 ``(B, C, h, w)`` on the device (on
-        the CPU one numpy pass, :func:`scale_batch`; else raw pixels go up and are scaled
-        there)."""
+    def _prepare(self, lane: Any, stack: np.ndarray) -> torch.Tensor:
+        """Raw ``(B, h, w, C)`` pixels → scaled float32 ``(B, C, h, w)`` on the device (a
+        host lane: one numpy pass, :func:`scale_batch`; a device lane: raw pixels go up and
+        are scaled there, unless torch has no such dtype)."""
         channels_last = getattr(self.runner, "channels_last", False)
-        if self.device.type == "cpu":
-            return torch.from_numpy(scale_batch(stack, self.model.scaling,
-                                                channels_last=channels_last))
+        if lane.on_host:
+            return lane.upload(scale_batch(stack, self.model.scaling,
+                                           channels_last=channels_last))
         if stack.dtype.type in _TORCH_DTYPES:
-            return scale_tensor(self.lane.upload(stack), stack.dtype, self.model.scaling,
+            return scale_tensor(lane.upload(stack), stack.dtype, self.model.scaling,
                                 channels_last=channels_last)
         x = np.ascontiguousarray(scale_input(stack, self.model.scaling).transpose(0, 3, 1, 2))
-        return self.lane.upload(x)
+        return lane.upload(x)
 
     @property
     def lane(self) -> Any:
@@ -125,7 +125,7 @@ class Engine:
             for items in self._batches(plan.kept()):
                 stack = (window[items[0][0].read, items[0][1].read][None] if len(items) == 1
                          else np.stack([window[sy.read, sx.read] for sy, sx in items]))
-                result = self.runner(self._prepare(stack))
+                result = self.runner(self._prepare(lane, stack))
                 for k, (sy, sx) in enumerate(items):
                     block = result[k, :, sy.crop, sx.crop]
                     want = (classes, sy.out_len, sx.out_len)
