@@ -13,7 +13,9 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from tilefcn.pyramid import (
+    _STRIP,
     Level,
+    _mean2x2,
     create_levels,
     plan_levels,
     pyramid_layer,
@@ -153,6 +155,46 @@ def test_pyramid_tasks_equal_nan_aware_means(tmp_path) -> None:
     for lv in levels:
         np.testing.assert_array_equal(zarr.open_array(old, path=str(lv.index))[:],
                                       group[str(lv.index)][:])
+
+
+def _quad_mean(block: np.ndarray) -> np.ndarray:
+    """``((a₀₀ + a₁₀) + (a₀₁ + a₁₁)) · 0.25`` in float32, whole-array numpy, even shapes."""
+    b = block.astype(np.float32)
+    return ((b[:, 0::2, 0::2] + b[:, 1::2, 0::2]) + (b[:, 0::2, 1::2] + b[:, 1::2, 1::2])) \
+        * np.float32(0.25)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8", "float32"])
+@pytest.mark.parametrize("height", [2 * _STRIP, 2 * _STRIP + 6, 10])
+def test_mean2x2_is_the_float32_quad_mean_bit_for_bit(dtype: str, height: int) -> None:
+    """The strip-converted float16 / uint8 mean equals the float32 formula on every path:
+    contiguous, a strided view, a read-only block (torch cannot view it), reversed rows."""
+    if dtype == "uint8":
+        block = RNG.integers(0, 256, (3, height, 38)).astype(np.uint8)
+    else:
+        block = (RNG.standard_normal((3, height, 38)) * 4).astype(dtype)
+    ref = _quad_mean(block)
+    got = _mean2x2(block)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    wide = np.repeat(block, 2, axis=2)[:, :, ::2]  # a non-contiguous view, same values
+    np.testing.assert_array_equal(_mean2x2(wide), ref)
+    frozen = block.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(_mean2x2(frozen), ref)
+    flipped = block[:, ::-1]
+    np.testing.assert_array_equal(_mean2x2(flipped), _quad_mean(flipped))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_mean2x2_nan_and_odd_edges_average_what_exists(dtype: str) -> None:
+    block = RNG.random((2, 2 * _STRIP + 4, 20)).astype(dtype)
+    block[0, 3, 5] = np.nan  # one NaN: the mean of the other three
+    block[1, 40:42, 6:8] = np.nan  # a whole quad: NaN
+    ref = _nanmean2x2(block.astype(np.float64))
+    np.testing.assert_allclose(_mean2x2(block), ref, rtol=1e-6)
+    odd = block[:, :-1, :-1]  # odd edges: the half quads average what exists
+    np.testing.assert_allclose(_mean2x2(odd), _nanmean2x2(odd.astype(np.float64)), rtol=1e-6)
 
 
 def test_encode_block_dtypes() -> None:
