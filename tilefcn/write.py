@@ -35,6 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from tilefcn.casts import astype
 from tilefcn.identity import identity_mismatch
 from tilefcn.pyramid import build_pyramid
 from tilefcn.read import tiff_description
@@ -93,7 +94,7 @@ def encode_block(block: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return np.asarray(block, dtype=np.float32)
     if dtype == "float16":
-        return block.astype(np.float16)
+        return astype(block, np.float16)
     if np.isnan(block).any():
         raise ValueError("uint8 output cannot hold NaN (masked or invalid pixels); "
                          "use float16 or float32")
