@@ -11,7 +11,12 @@ import torch
 from tilefcn.modelio import Scaling
 from tilefcn.runtime.scaling import scale_batch, scale_input, scale_tensor
 
-SCALINGS = [Scaling(), Scaling(mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.25))]
+SCALINGS = [Scaling(), Scaling(mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.25)),
+            Scaling(divisor=1000.0, mean=(0.1, 0.5, 0.9, 0.3), std=(0.2, 0.3, 0.25, 0.7))]
+
+
+def _bands(scaling: Scaling) -> int:
+    return 3 if scaling.mean is None else len(scaling.mean)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
@@ -20,7 +25,7 @@ SCALINGS = [Scaling(), Scaling(mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.25))]
 def test_scale_tensor_equals_scale_input_and_leaves_its_input(dtype, channels_last, scaling):
     rng = np.random.default_rng(0)
     high = 1.0 if dtype == "float32" else np.iinfo(dtype).max
-    batch = (rng.random((2, 37, 41, 3)) * high).astype(dtype)
+    batch = (rng.random((2, 37, 41, _bands(scaling))) * high).astype(dtype)
     before = batch.copy()
     out = scale_tensor(torch.from_numpy(batch), batch.dtype, scaling,
                        channels_last=channels_last)
@@ -38,7 +43,7 @@ def test_scale_tensor_equals_scale_input_and_leaves_its_input(dtype, channels_la
 def test_scale_batch_equals_scale_input_and_leaves_its_input(dtype, channels_last, scaling):
     rng = np.random.default_rng(1)
     high = 1.0 if dtype.startswith("float") else np.iinfo(dtype).max
-    window = (rng.random((3, 50, 60, 3)) * high).astype(dtype)
+    window = (rng.random((3, 50, 60, _bands(scaling))) * high).astype(dtype)
     batch = window[1:, 5:42, 7:48]  # a strided view, as the engine's sub-windows are
     before = batch.copy()
     out = scale_batch(batch, scaling, channels_last=channels_last)

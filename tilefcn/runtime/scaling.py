@@ -42,25 +42,34 @@ def scale_batch(batch: np.ndarray, scaling: Scaling, *,
     The conversion, the layout (NCHW-contiguous, or with ``channels_last`` the ``(B, h, w,
     C)`` memory seen as ``(B, C, h, w)``) and the division by the divisor are one ufunc pass
     (``np.divide`` casting to float32 into the output), where torch's ``copy_`` + ``div_`` is
-    two; mean and std then run in place. Same float32 operations in the same order as
-    :func:`scale_input`, so bit for bit the same. ``batch`` is never changed.
+    two; mean and std then run in place — with ``channels_last`` on the ``(B, h, w·C)`` view
+    against the per-channel values tiled along a row, as numpy's inner loop over a length-C
+    axis is slow (1 × 2048² × 3 with mean and std: 50 → 15 ms). Same float32 operations in
+    the same order as :func:`scale_input`, so bit for bit the same. ``batch`` is never
+    changed.
     """
     b, h, w, c = batch.shape
     divisor = _divisor(batch.dtype, scaling)
     if channels_last:
         out = np.empty((b, h, w, c), np.float32)
-        source, view = batch, (1, 1, 1, c)
+        source, target = batch, out.reshape(b, h, w * c)
+
+        def per_channel(values: tuple[float, ...]) -> np.ndarray:
+            return np.tile(np.asarray(values, np.float32), w)
     else:
         out = np.empty((b, c, h, w), np.float32)
-        source, view = batch.transpose(0, 3, 1, 2), (1, c, 1, 1)
+        source, target = batch.transpose(0, 3, 1, 2), out
+
+        def per_channel(values: tuple[float, ...]) -> np.ndarray:
+            return np.asarray(values, np.float32).reshape(1, c, 1, 1)
     if divisor is None:
         np.copyto(out, source, casting="unsafe")
     else:
         np.divide(source, np.float32(divisor), out=out, dtype=np.float32, casting="unsafe")
     if scaling.mean is not None:
-        out -= np.asarray(scaling.mean, np.float32).reshape(view)
+        target -= per_channel(scaling.mean)
     if scaling.std is not None:
-        out /= np.asarray(scaling.std, np.float32).reshape(view)
+        target /= per_channel(scaling.std)
     return out.transpose(0, 3, 1, 2) if channels_last else out
 
 
