@@ -2,10 +2,13 @@
 `dask worker` (2 processes) started on 127.0.0.1 by the test, stopped by it, time-bounded."""
 
 import json
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 from click.testing import CliRunner
 from dask_processes import start_cluster, stop
@@ -87,21 +90,60 @@ def test_unreachable_scheduler_is_a_clear_error_and_writes_nothing(tmp_path, mon
     assert not (tmp_path / "scan.heatmap.zarr").exists()  # connected before writing
 
 
-def test_geotiff_run_on_a_real_cluster_resumes_from_its_checkpoint(cluster, tmp_path,
-                                                                    monkeypatch):
-    """A GeoTIFF run on the cluster that fails part-way keeps its checkpointed tiles; the
-    resumed run on the cluster computes only the others and equals the whole-image model."""
+class _Scan(NamedTuple):
+    path: Path
+    pt2: Path
+    out: Path
+    model: torch.nn.Module
+    image: np.ndarray
+
+
+def _geotiff_scan(tmp_path: Path, seed: int) -> _Scan:
+    """A 200×150 tiled RGB scan, an exported dilated model, and where its GeoTIFF goes."""
+    model = dilated(3)
+    pt2 = save_exported(tmp_path / "dilated.pt2", load_model(model))
+    image = random_image(np.random.default_rng(seed), (200, 150), 3, "uint8")
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb")
+    return _Scan(path, pt2, tmp_path / "heat.tif", model, image)
+
+
+def _resume_computes_only_the_rest(scan: _Scan, cluster, monkeypatch, write) -> None:
+    """After a run that checkpointed 3 tiles and stopped: the resumed run on ``cluster``
+    (``write``: the real ``CogSink.__call__``) skips those 3, computes every other tile
+    once, equals the whole-image model and leaves no checkpoint."""
     import rasterio
 
     from tilefcn import cog
     from tilefcn.checkpoint import read_journal
     from tilefcn.job import run
 
-    model = dilated(3)
-    pt2 = save_exported(tmp_path / "dilated.pt2", load_model(model))
-    image = random_image(np.random.default_rng(5), (200, 150), 3, "uint8")
-    path, out = tmp_path / "scan.tif", tmp_path / "heat.tif"
-    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb")
+    done = {tuple(t) for t in read_journal(scan.out)["done"]}
+    assert len(done) == 3 and not scan.out.exists()
+    written = []
+    monkeypatch.setattr(cog.CogSink, "__call__",
+                        lambda sink, tile, block: (written.append(tile.index),
+                                                   write(sink, tile, block))[1])
+    summary = run(scan.path, str(scan.pt2), scan.out, tile=64, scheduler=str(cluster),
+                  resume=True)
+    assert summary.tiles_skipped == 3 and len(written) == summary.tiles - 3
+    assert done.isdisjoint(written)  # the checkpointed tiles were not computed again
+    with rasterio.open(scan.out) as src:
+        got = src.read()
+    np.testing.assert_allclose(got, whole_image_output(scan.model, scan.image), rtol=0,
+                               atol=1e-5)
+    assert read_journal(scan.out) is None  # finished: no checkpoint left
+
+
+def test_geotiff_run_on_a_real_cluster_resumes_from_its_checkpoint(cluster, tmp_path,
+                                                                    monkeypatch):
+    """A GeoTIFF run on the cluster that fails part-way keeps its checkpointed tiles; the
+    resumed run on the cluster computes only the others and equals the whole-image model."""
+    from tilefcn import cog
+    from tilefcn.job import run
+
+    scan = _geotiff_scan(tmp_path, seed=5)
+    path, pt2, out = scan.path, scan.pt2, scan.out
     real, calls = cog.CogSink.__call__, []
 
     def failing(sink, tile, block):  # the client's writer, fed by the workers
@@ -113,20 +155,7 @@ def test_geotiff_run_on_a_real_cluster_resumes_from_its_checkpoint(cluster, tmp_
     monkeypatch.setattr(cog.CogSink, "__call__", failing)
     with pytest.raises(RuntimeError, match="client lost its disk"):
         run(path, str(pt2), out, tile=64, scheduler=str(cluster))
-    done = {tuple(t) for t in read_journal(out)["done"]}
-    assert len(done) == 3 and not out.exists()
-
-    written = []
-    monkeypatch.setattr(cog.CogSink, "__call__",
-                        lambda sink, tile, block: (written.append(tile.index),
-                                                   real(sink, tile, block))[1])
-    summary = run(path, str(pt2), out, tile=64, scheduler=str(cluster), resume=True)
-    assert summary.tiles_skipped == 3 and len(written) == summary.tiles - 3
-    assert done.isdisjoint(written)  # the checkpointed tiles were not computed again
-    with rasterio.open(out) as src:
-        got = src.read()
-    np.testing.assert_allclose(got, whole_image_output(model, image), rtol=0, atol=1e-5)
-    assert read_journal(out) is None  # finished: no checkpoint left
+    _resume_computes_only_the_rest(scan, cluster, monkeypatch, real)
 
 
 KILLED_CLUSTER_RUN = """
@@ -154,36 +183,15 @@ def test_geotiff_client_killed_on_a_real_cluster_resumes_from_its_last_checkpoin
     import signal
     import subprocess
     import sys
-    from pathlib import Path
 
-    import rasterio
+    from tilefcn.cog import CogSink
 
-    from tilefcn import cog
-    from tilefcn.checkpoint import read_journal
-    from tilefcn.job import run
-
-    model = dilated(3)
-    pt2 = save_exported(tmp_path / "dilated.pt2", load_model(model))
-    image = random_image(np.random.default_rng(6), (200, 150), 3, "uint8")
-    path, out = tmp_path / "scan.tif", tmp_path / "heat.tif"
-    tifffile.imwrite(path, image, tile=(32, 32), photometric="rgb")
+    scan = _geotiff_scan(tmp_path, seed=6)
+    path, pt2, out = scan.path, scan.pt2, scan.out
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", KILLED_CLUSTER_RUN, str(path), str(pt2),
                            str(out), str(cluster)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    done = {tuple(t) for t in read_journal(out)["done"]}
-    assert len(done) == 3 and not out.exists()
-
-    real, written = cog.CogSink.__call__, []
-    monkeypatch.setattr(cog.CogSink, "__call__",
-                        lambda sink, tile, block: (written.append(tile.index),
-                                                   real(sink, tile, block))[1])
-    summary = run(path, str(pt2), out, tile=64, scheduler=str(cluster), resume=True)
-    assert summary.tiles_skipped == 3 and len(written) == summary.tiles - 3
-    assert done.isdisjoint(written)  # the checkpointed tiles were not computed again
-    with rasterio.open(out) as src:
-        got = src.read()
-    np.testing.assert_allclose(got, whole_image_output(model, image), rtol=0, atol=1e-5)
-    assert read_journal(out) is None
+    _resume_computes_only_the_rest(scan, cluster, monkeypatch, CogSink.__call__)

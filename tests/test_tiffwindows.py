@@ -84,20 +84,26 @@ def test_tile_cache_is_a_byte_bounded_lru_of_read_only_tiles():
         tiles[0][0] = 1  # shared by every window that reads it: read-only
 
 
+def _halo_grid(tmp_path, seed: int) -> tuple:
+    """A 512² JPEG slide of 64-px tiles, its whole-image read, and the 16 windows of a
+    128-px chunk grid with a 9-px halo (clipped at the edges)."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
+                     tile=(64, 64), photometric="rgb", compression="jpeg")
+    boxes = [(slice(max(0, y - 9), min(512, y + 128 + 9)),
+              slice(max(0, x - 9), min(512, x + 128 + 9)))
+             for y in range(0, 512, 128) for x in range(0, 512, 128)]
+    return path, tifffile.imread(path), boxes
+
+
 def test_halo_windows_reuse_their_neighbours_decoded_tiles(tmp_path, monkeypatch):
     """Halo'd windows of a chunk grid, read one after another: each shared boundary tile is
     decoded once, and every window still equals tifffile's whole-image read, also with a
     cache too small to hold anything."""
     import tilefcn.tiffwindows as tw
 
-    rng = np.random.default_rng(2)
-    path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
-                     tile=(64, 64), photometric="rgb", compression="jpeg")
-    image = tifffile.imread(path)
-    boxes = [(slice(max(0, y - 9), min(512, y + 128 + 9)),
-              slice(max(0, x - 9), min(512, x + 128 + 9)))
-             for y in range(0, 512, 128) for x in range(0, 512, 128)]
+    path, image, boxes = _halo_grid(tmp_path, seed=2)
     decoded = []
     for megabytes in (64, 0):
         with tifffile.TiffFile(path) as tif:
@@ -141,14 +147,7 @@ def test_windows_read_at_once_decode_each_shared_tile_once(tmp_path, monkeypatch
 
     import tilefcn.tiffwindows as tw
 
-    rng = np.random.default_rng(3)
-    path = tmp_path / "slide.tif"
-    tifffile.imwrite(path, rng.integers(0, 255, (512, 512, 3), dtype=np.uint8),
-                     tile=(64, 64), photometric="rgb", compression="jpeg")
-    image = tifffile.imread(path)
-    boxes = [(slice(max(0, y - 9), min(512, y + 128 + 9)),
-              slice(max(0, x - 9), min(512, x + 128 + 9)))
-             for y in range(0, 512, 128) for x in range(0, 512, 128)]
+    path, image, boxes = _halo_grid(tmp_path, seed=3)
     with tifffile.TiffFile(path) as tif:
         windows = tw.TileWindows(tif.pages[0], cache=tw.TileCache(64))
         calls: list[int] = []
