@@ -90,8 +90,8 @@ def _mean2x2(block: np.ndarray) -> np.ndarray:
     float32 3.2 ms (9.7 ms as four strided adds, 30 ms with torch's ``avg_pool2d``). A
     float16 / uint8 block is converted in strips of :data:`_STRIP` rows (float16 by torch,
     :mod:`tilefcn.casts`): float16 3.0 ms, was 11.7 ms converted on the fly by numpy; the
-    values are the same bits. Blocks with NaN (masked tiles, odd
-    edges) take the counting path.
+    values are the same bits. Blocks with NaN (masked tiles, odd edges) take the counting
+    path.
     """
     if block.shape[1] % 2 == 0 and block.shape[2] % 2 == 0:
         total = _sum2x2(block)
